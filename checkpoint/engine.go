@@ -1,0 +1,412 @@
+package checkpoint
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	criu "github.com/checkpoint-restore/go-criu/v7"
+	"github.com/checkpoint-restore/go-criu/v7/rpc"
+	"github.com/checkpoint-restore/go-criu/v7/stats"
+	"google.golang.org/protobuf/proto"
+)
+
+// Log file names CRIU writes into the images directory.
+const (
+	DumpLog    = "dump.log"
+	PreDumpLog = "pre-dump.log"
+	RestoreLog = "restore.log"
+)
+
+// NetworkLock selects how CRIU keeps peers from seeing a half-dumped TCP stack.
+type NetworkLock int
+
+const (
+	// LockDefault leaves the choice to CRIU (iptables, which hosts often lack).
+	LockDefault NetworkLock = iota
+	// LockNFTables uses an nftables table; needs CRIU built with libnftables.
+	LockNFTables
+	// LockIPTables uses iptables rules.
+	LockIPTables
+	// LockSkip takes no network lock: the caller guarantees no traffic reaches the tree.
+	LockSkip
+)
+
+func (l NetworkLock) rpc() *rpc.CriuNetworkLockMethod {
+	switch l {
+	case LockNFTables:
+		return rpc.CriuNetworkLockMethod_NFTABLES.Enum()
+	case LockIPTables:
+		return rpc.CriuNetworkLockMethod_IPTABLES.Enum()
+	case LockSkip:
+		return rpc.CriuNetworkLockMethod_SKIP.Enum()
+	}
+	return nil
+}
+
+// Notify receives CRIU's hooks during an operation. Embed NoNotify for the ones you
+// do not need. A hook that returns an error aborts the operation.
+type Notify = criu.Notify
+
+// NoNotify implements every Notify hook as a no-op.
+type NoNotify = criu.NoNotify
+
+// Address is a TCP endpoint of a CRIU page server.
+type Address struct {
+	Host string
+	Port int
+}
+
+// TLS names the PEM files CRIU uses to encrypt and authenticate page-server traffic.
+type TLS struct {
+	CACert string
+	Cert   string
+	Key    string
+}
+
+// Engine runs CRIU operations. Its zero value uses FindCRIU's binary.
+type Engine struct {
+	// CRIUPath is the CRIU binary; empty means FindCRIU().
+	CRIUPath string
+
+	features featureCache
+}
+
+// New returns an Engine using the CRIU binary at path ("" means FindCRIU()).
+func New(path string) *Engine {
+	return &Engine{CRIUPath: path}
+}
+
+// Path returns the CRIU binary this engine runs.
+func (e *Engine) Path() string {
+	if e.CRIUPath == "" {
+		return FindCRIU()
+	}
+	return e.CRIUPath
+}
+
+// DumpOptions describes one dump or pre-dump.
+type DumpOptions struct {
+	Pid       int    // root of the process tree; required
+	ImagesDir string // where images and the log go; created if missing
+	// ParentDir is a previous pre-dump's images directory; only pages changed since
+	// then are written. Absolute or relative to ImagesDir.
+	ParentDir string
+
+	LeaveRunning bool // resume the tree after a successful dump
+	LeaveStopped bool // keep the tree stopped after a successful dump (for rollback)
+
+	TCPEstablished bool
+	NetworkLock    NetworkLock
+	ManageCgroups  bool
+	TrackMem       bool // needs dirty-memory tracking (ErrNotSupported otherwise)
+	FileLocks      bool
+	ExtUnixSk      bool
+	ShellJob       bool
+	GhostLimit     uint32 // bytes of deleted-but-open files to carry; 0 = CRIU default
+
+	// PageServer sends memory pages to a page server instead of ImagesDir.
+	PageServer *Address
+	// Lazy leaves memory pages on this host, served from Lazy's address to the
+	// destination's lazy-pages daemon. The dump returns once every page was served.
+	Lazy *Address
+	TLS  *TLS
+
+	LogLevel int // CRIU verbosity, 0 means 4 (debug)
+	Notify   Notify
+}
+
+// DumpStats is what CRIU recorded about a dump.
+type DumpStats struct {
+	FreezingTime time.Duration // time spent stopping the tree
+	FrozenTime   time.Duration // time the tree stayed frozen
+	MemdumpTime  time.Duration
+	MemwriteTime time.Duration
+
+	PagesScanned       uint64
+	PagesSkippedParent uint64
+	PagesWritten       uint64
+	PagesLazy          uint64
+
+	Wall time.Duration // wall time of the whole CRIU call
+}
+
+// RestoreOptions describes one restore.
+type RestoreOptions struct {
+	ImagesDir string
+
+	TCPEstablished bool
+	NetworkLock    NetworkLock
+	ManageCgroups  bool // restore cgroups (soft mode: create missing ones, keep existing)
+	FileLocks      bool
+	ExtUnixSk      bool
+	ShellJob       bool
+	// LazyPages restores without memory; a lazy-pages daemon for ImagesDir must run.
+	LazyPages bool
+
+	LogLevel int
+	Notify   Notify
+}
+
+// RestoreResult is a successful restore.
+type RestoreResult struct {
+	Pid          int // host PID of the restored root; it is the caller's child
+	ForkingTime  time.Duration
+	RestoreTime  time.Duration
+	PagesRestore uint64
+	Wall         time.Duration
+}
+
+func (o *DumpOptions) rpcOpts(logFile string) (*rpc.CriuOpts, error) {
+	if o.Pid <= 0 {
+		return nil, errors.New("no pid to dump")
+	}
+	if o.LeaveRunning && o.LeaveStopped {
+		return nil, errors.New("leave-running and leave-stopped exclude each other")
+	}
+	opts := &rpc.CriuOpts{
+		ImagesDirFd:    proto.Int32(-1),
+		ImagesDir:      proto.String(o.ImagesDir),
+		Pid:            proto.Int32(int32(o.Pid)),
+		LogLevel:       proto.Int32(logLevel(o.LogLevel)),
+		LogFile:        proto.String(logFile),
+		LeaveRunning:   proto.Bool(o.LeaveRunning),
+		LeaveStopped:   proto.Bool(o.LeaveStopped),
+		TcpEstablished: proto.Bool(o.TCPEstablished),
+		ManageCgroups:  proto.Bool(o.ManageCgroups),
+		TrackMem:       proto.Bool(o.TrackMem),
+		FileLocks:      proto.Bool(o.FileLocks),
+		ExtUnixSk:      proto.Bool(o.ExtUnixSk),
+		ShellJob:       proto.Bool(o.ShellJob),
+		NetworkLock:    o.NetworkLock.rpc(),
+	}
+	if o.GhostLimit > 0 {
+		opts.GhostLimit = proto.Uint32(o.GhostLimit)
+	}
+	if o.ParentDir != "" {
+		parent := o.ParentDir
+		if filepath.IsAbs(parent) {
+			rel, err := filepath.Rel(o.ImagesDir, parent)
+			if err != nil {
+				return nil, fmt.Errorf("parent images %s: %w", parent, err)
+			}
+			parent = rel
+		}
+		opts.ParentImg = proto.String(parent)
+	}
+	if o.PageServer != nil && o.Lazy != nil {
+		return nil, errors.New("page-server and lazy dumps exclude each other")
+	}
+	if o.PageServer != nil {
+		opts.Ps = &rpc.CriuPageServerInfo{Address: proto.String(o.PageServer.Host), Port: proto.Int32(int32(o.PageServer.Port))}
+	}
+	if o.Lazy != nil {
+		opts.LazyPages = proto.Bool(true)
+		opts.Ps = &rpc.CriuPageServerInfo{Address: proto.String(o.Lazy.Host), Port: proto.Int32(int32(o.Lazy.Port))}
+	}
+	o.TLS.apply(opts)
+	return opts, nil
+}
+
+func (t *TLS) apply(opts *rpc.CriuOpts) {
+	if t == nil {
+		return
+	}
+	opts.Tls = proto.Bool(true)
+	opts.TlsCacert = proto.String(t.CACert)
+	opts.TlsCert = proto.String(t.Cert)
+	opts.TlsKey = proto.String(t.Key)
+}
+
+func logLevel(l int) int32 {
+	if l == 0 {
+		return 4
+	}
+	return int32(l)
+}
+
+// Dump checkpoints the tree rooted at o.Pid into o.ImagesDir. Unless LeaveRunning
+// or LeaveStopped is set, CRIU kills the tree after a successful dump. On failure
+// CRIU resumes the tree and the error is a *CRIUError.
+//
+// CRIU runs to completion once started: cancelling ctx afterwards does not abort it,
+// because killing CRIU mid-dump could leave the tree neither running nor dumped.
+func (e *Engine) Dump(ctx context.Context, o DumpOptions) (*DumpStats, error) {
+	return e.dump(ctx, o, false)
+}
+
+// PreDump copies the tree's memory into o.ImagesDir while it keeps running, as the
+// first rounds of a pre-copy migration. It needs dirty-memory tracking: without it
+// the error matches ErrNotSupported.
+func (e *Engine) PreDump(ctx context.Context, o DumpOptions) (*DumpStats, error) {
+	ok, err := e.HasFeature(ctx, FeatureMemDirtyTrack)
+	if err != nil {
+		return nil, err
+	}
+	if !ok {
+		return nil, fmt.Errorf("pre-dump of %d: dirty-memory tracking: %w", o.Pid, ErrNotSupported)
+	}
+	o.TrackMem = true
+	o.LeaveRunning = false
+	o.LeaveStopped = false
+	return e.dump(ctx, o, true)
+}
+
+func (e *Engine) dump(ctx context.Context, o DumpOptions, pre bool) (*DumpStats, error) {
+	op, logName := "dump", DumpLog
+	if pre {
+		op, logName = "pre-dump", PreDumpLog
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if err := prepareDir(o.ImagesDir); err != nil {
+		return nil, err
+	}
+	opts, err := o.rpcOpts(logName)
+	if err != nil {
+		return nil, fmt.Errorf("%s %d: %w", op, o.Pid, err)
+	}
+	c := criu.MakeCriu()
+	c.SetCriuPath(e.Path())
+	start := time.Now()
+	if pre {
+		err = c.PreDump(opts, o.Notify)
+	} else {
+		err = c.Dump(opts, o.Notify)
+	}
+	wall := time.Since(start)
+	if err != nil {
+		return nil, criuError(op, err, filepath.Join(o.ImagesDir, logName))
+	}
+	st, err := readDumpStats(o.ImagesDir)
+	if err != nil {
+		return &DumpStats{Wall: wall}, nil //nolint:nilerr // stats are best effort
+	}
+	st.Wall = wall
+	return st, nil
+}
+
+// Restore brings back the tree checkpointed in o.ImagesDir. The restored root
+// becomes a child of the calling process (CRIU's restore-sibling mode); its host PID
+// is in the result. On failure the error is a *CRIUError; when a file the tree had
+// open is missing here it also matches ErrMissingFile.
+func (e *Engine) Restore(ctx context.Context, o RestoreOptions) (*RestoreResult, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if _, err := os.Stat(filepath.Join(o.ImagesDir, "inventory.img")); err != nil {
+		return nil, fmt.Errorf("restore from %s: no checkpoint there: %w", o.ImagesDir, err)
+	}
+	opts := &rpc.CriuOpts{
+		ImagesDirFd:    proto.Int32(-1),
+		ImagesDir:      proto.String(o.ImagesDir),
+		LogLevel:       proto.Int32(logLevel(o.LogLevel)),
+		LogFile:        proto.String(RestoreLog),
+		RstSibling:     proto.Bool(true),
+		TcpEstablished: proto.Bool(o.TCPEstablished),
+		ManageCgroups:  proto.Bool(o.ManageCgroups),
+		FileLocks:      proto.Bool(o.FileLocks),
+		ExtUnixSk:      proto.Bool(o.ExtUnixSk),
+		ShellJob:       proto.Bool(o.ShellJob),
+		LazyPages:      proto.Bool(o.LazyPages),
+		NetworkLock:    o.NetworkLock.rpc(),
+	}
+	if o.ManageCgroups {
+		opts.ManageCgroupsMode = rpc.CriuCgMode_SOFT.Enum()
+	}
+	n := &pidNotify{Notify: o.Notify}
+	if n.Notify == nil {
+		n.Notify = NoNotify{}
+	}
+	c := criu.MakeCriu()
+	c.SetCriuPath(e.Path())
+	start := time.Now()
+	err := c.Restore(opts, n)
+	wall := time.Since(start)
+	if err != nil {
+		return nil, criuError("restore", err, filepath.Join(o.ImagesDir, RestoreLog))
+	}
+	if n.pid <= 0 {
+		return nil, fmt.Errorf("restore from %s: criu reported no pid", o.ImagesDir)
+	}
+	res := &RestoreResult{Pid: n.pid, Wall: wall}
+	if st, err := readRestoreStats(o.ImagesDir); err == nil {
+		res.ForkingTime = st.ForkingTime
+		res.RestoreTime = st.RestoreTime
+		res.PagesRestore = st.PagesRestore
+	}
+	return res, nil
+}
+
+// pidNotify records the restored root's PID, which CRIU reports only through the
+// post-restore hook.
+type pidNotify struct {
+	Notify
+	pid int
+}
+
+func (n *pidNotify) PostRestore(pid int32) error {
+	n.pid = int(pid)
+	return n.Notify.PostRestore(pid)
+}
+
+func prepareDir(dir string) error {
+	if dir == "" {
+		return errors.New("no images directory")
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("images directory %s: %w", dir, err)
+	}
+	probe, err := os.CreateTemp(dir, ".duplex-probe-*")
+	if err != nil {
+		return fmt.Errorf("images directory %s is not writable: %w", dir, err)
+	}
+	probe.Close()
+	os.Remove(probe.Name())
+	return nil
+}
+
+func us(v uint32) time.Duration { return time.Duration(v) * time.Microsecond }
+
+func readDumpStats(dir string) (*DumpStats, error) {
+	d, err := os.Open(dir)
+	if err != nil {
+		return nil, err
+	}
+	defer d.Close()
+	s, err := stats.CriuGetDumpStats(d)
+	if err != nil {
+		return nil, err
+	}
+	return &DumpStats{
+		FreezingTime:       us(s.GetFreezingTime()),
+		FrozenTime:         us(s.GetFrozenTime()),
+		MemdumpTime:        us(s.GetMemdumpTime()),
+		MemwriteTime:       us(s.GetMemwriteTime()),
+		PagesScanned:       s.GetPagesScanned(),
+		PagesSkippedParent: s.GetPagesSkippedParent(),
+		PagesWritten:       s.GetPagesWritten(),
+		PagesLazy:          s.GetPagesLazy(),
+	}, nil
+}
+
+func readRestoreStats(dir string) (*RestoreResult, error) {
+	d, err := os.Open(dir)
+	if err != nil {
+		return nil, err
+	}
+	defer d.Close()
+	s, err := stats.CriuGetRestoreStats(d)
+	if err != nil {
+		return nil, err
+	}
+	return &RestoreResult{
+		ForkingTime:  us(s.GetForkingTime()),
+		RestoreTime:  us(s.GetRestoreTime()),
+		PagesRestore: s.GetPagesRestored(),
+	}, nil
+}

@@ -1,0 +1,142 @@
+package checkpoint
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os/exec"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+)
+
+// Feature names understood by `criu check --feature`.
+const (
+	FeatureMemDirtyTrack = "mem_dirty_track"       // soft-dirty bits: pre-dumps, pre-copy
+	FeatureUFFD          = "uffd"                  // userfaultfd: lazy pages
+	FeatureUFFDNonCoop   = "uffd-noncoop"          // userfaultfd for forks: lazy pages of a tree
+	FeatureNFTablesLock  = "network-lock-nftables" // nftables network lock
+	FeatureTCPHalfClosed = "tcp_half_closed"
+)
+
+type featureCache struct {
+	mu sync.Mutex
+	m  map[string]bool
+}
+
+// HasFeature asks CRIU whether this host supports a feature (`criu check --feature`).
+// go-criu's FeatureCheck only echoes the request, so it is not used. Answers are
+// cached for the Engine's lifetime. An error means CRIU itself could not be run.
+func (e *Engine) HasFeature(ctx context.Context, name string) (bool, error) {
+	e.features.mu.Lock()
+	if v, ok := e.features.m[name]; ok {
+		e.features.mu.Unlock()
+		return v, nil
+	}
+	e.features.mu.Unlock()
+
+	ok, _, err := e.CheckFeature(ctx, name)
+	if err != nil {
+		return false, err
+	}
+	e.features.mu.Lock()
+	if e.features.m == nil {
+		e.features.m = map[string]bool{}
+	}
+	e.features.m[name] = ok
+	e.features.mu.Unlock()
+	return ok, nil
+}
+
+// CheckFeature runs `criu check --feature name` and returns whether it passed with
+// CRIU's explanation. The error is non-nil only when CRIU could not be run.
+func (e *Engine) CheckFeature(ctx context.Context, name string) (bool, string, error) {
+	out, code, err := e.run(ctx, "check", "--feature", name)
+	if err != nil {
+		return false, "", err
+	}
+	return code == 0, lastLines(out), nil
+}
+
+// Check runs `criu check` and returns whether CRIU can checkpoint and restore on this
+// host, with CRIU's explanation (warnings included). The error is non-nil only when
+// CRIU could not be run.
+func (e *Engine) Check(ctx context.Context) (bool, string, error) {
+	out, code, err := e.run(ctx, "check")
+	if err != nil {
+		return false, "", err
+	}
+	return code == 0, lastLines(out), nil
+}
+
+// Version is a CRIU release.
+type Version struct {
+	Major, Minor, Sub int
+}
+
+func (v Version) String() string {
+	if v.Sub == 0 {
+		return fmt.Sprintf("%d.%d", v.Major, v.Minor)
+	}
+	return fmt.Sprintf("%d.%d.%d", v.Major, v.Minor, v.Sub)
+}
+
+// AtLeast reports whether v is the same as or newer than major.minor.
+func (v Version) AtLeast(major, minor int) bool {
+	return v.Major > major || (v.Major == major && v.Minor >= minor)
+}
+
+var versionRe = regexp.MustCompile(`Version:\s*(\d+)\.(\d+)(?:\.(\d+))?`)
+
+// Version runs `criu --version`.
+func (e *Engine) Version(ctx context.Context) (Version, error) {
+	out, code, err := e.run(ctx, "--version")
+	if err != nil {
+		return Version{}, err
+	}
+	m := versionRe.FindStringSubmatch(out)
+	if code != 0 || m == nil {
+		return Version{}, fmt.Errorf("criu --version: unexpected output %q", strings.TrimSpace(out))
+	}
+	var v Version
+	v.Major, _ = strconv.Atoi(m[1])
+	v.Minor, _ = strconv.Atoi(m[2])
+	if m[3] != "" {
+		v.Sub, _ = strconv.Atoi(m[3])
+	}
+	return v, nil
+}
+
+// run executes CRIU and returns its combined output and exit code; err is set only
+// when the binary could not be started.
+func (e *Engine) run(ctx context.Context, args ...string) (string, int, error) {
+	cmd := exec.CommandContext(ctx, e.Path(), args...)
+	var buf bytes.Buffer
+	cmd.Stdout = &buf
+	cmd.Stderr = &buf
+	err := cmd.Run()
+	if err != nil {
+		if ee, ok := err.(*exec.ExitError); ok {
+			return buf.String(), ee.ExitCode(), nil
+		}
+		return "", -1, fmt.Errorf("run %s: %w", e.Path(), err)
+	}
+	return buf.String(), 0, nil
+}
+
+// lastLines keeps the meaningful tail of CRIU's output, dropping known noise.
+func lastLines(out string) string {
+	var keep []string
+	for _, l := range strings.Split(out, "\n") {
+		l = strings.TrimSpace(logPrefix.ReplaceAllString(l, ""))
+		if l == "" || isNoise(l) {
+			continue
+		}
+		keep = append(keep, l)
+	}
+	if len(keep) > 3 {
+		keep = keep[len(keep)-3:]
+	}
+	return strings.Join(keep, "; ")
+}

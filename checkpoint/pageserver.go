@@ -1,0 +1,196 @@
+package checkpoint
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	criu "github.com/checkpoint-restore/go-criu/v7"
+	"github.com/checkpoint-restore/go-criu/v7/rpc"
+	"golang.org/x/sys/unix"
+	"google.golang.org/protobuf/proto"
+)
+
+// PageServerLog is the log of a page server, in its images directory.
+const PageServerLog = "page-server.log"
+
+// PageServerOptions describes a page server: the receiving end of a page-server dump.
+type PageServerOptions struct {
+	ImagesDir string
+	Address   string // listen address; "" means all
+	Port      int    // 0 picks a free port
+	TLS       *TLS
+	LogLevel  int
+}
+
+// PageServer is a running CRIU page server. It writes the pages one dump sends to its
+// images directory and exits when that dump closes the connection.
+type PageServer struct {
+	Pid     int
+	Port    int
+	LogPath string
+	pidfd   int
+}
+
+// StartPageServer starts a CRIU page server in the background.
+func (e *Engine) StartPageServer(ctx context.Context, o PageServerOptions) (*PageServer, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if err := prepareDir(o.ImagesDir); err != nil {
+		return nil, err
+	}
+	opts := &rpc.CriuOpts{
+		ImagesDirFd: proto.Int32(-1),
+		ImagesDir:   proto.String(o.ImagesDir),
+		LogLevel:    proto.Int32(logLevel(o.LogLevel)),
+		LogFile:     proto.String(PageServerLog),
+		Ps:          &rpc.CriuPageServerInfo{Port: proto.Int32(int32(o.Port))},
+	}
+	if o.Address != "" {
+		opts.Ps.Address = proto.String(o.Address)
+	}
+	o.TLS.apply(opts)
+	c := criu.MakeCriu()
+	c.SetCriuPath(e.Path())
+	pid, port, err := c.StartPageServerChld(opts)
+	logPath := filepath.Join(o.ImagesDir, PageServerLog)
+	if err != nil {
+		return nil, criuError("page-server", err, logPath)
+	}
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return nil, fmt.Errorf("page server %d: %w", pid, err)
+	}
+	return &PageServer{Pid: pid, Port: port, LogPath: logPath, pidfd: fd}, nil
+}
+
+// Wait blocks until the page server exits or ctx ends.
+func (p *PageServer) Wait(ctx context.Context) error {
+	return waitPidfd(ctx, p.pidfd)
+}
+
+// Stop kills the page server and releases it.
+func (p *PageServer) Stop() error {
+	if p.pidfd < 0 {
+		return nil
+	}
+	err := unix.PidfdSendSignal(p.pidfd, unix.SIGKILL, nil, 0)
+	if errors.Is(err, unix.ESRCH) {
+		err = nil
+	}
+	// The server is a child of criu swrk, reparented to us if we are a subreaper.
+	var info unix.Siginfo
+	_ = unix.Waitid(unix.P_PIDFD, p.pidfd, &info, unix.WEXITED|unix.WNOHANG, nil)
+	unix.Close(p.pidfd)
+	p.pidfd = -1
+	return err
+}
+
+// waitPidfd waits for the process behind pidfd to exit.
+func waitPidfd(ctx context.Context, pidfd int) error {
+	for {
+		n, err := unix.Poll([]unix.PollFd{{Fd: int32(pidfd), Events: unix.POLLIN}}, 100)
+		if err != nil && !errors.Is(err, unix.EINTR) {
+			return err
+		}
+		if n > 0 {
+			return nil
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+	}
+}
+
+// LazyPagesLog is the log of the lazy-pages daemon, in its images directory.
+const LazyPagesLog = "lazy-pages.log"
+
+// LazyPagesOptions describes the lazy-pages daemon of a post-copy restore.
+type LazyPagesOptions struct {
+	ImagesDir string
+	// Source is the page server of a lazy dump (DumpOptions.Lazy) to fetch pages
+	// from; nil serves them from ImagesDir.
+	Source   *Address
+	TLS      *TLS
+	LogLevel int
+}
+
+// LazyPages is a running `criu lazy-pages` daemon. A restore with
+// RestoreOptions.LazyPages on the same images directory connects to it; it exits
+// once every page was delivered.
+type LazyPages struct {
+	cmd     *exec.Cmd
+	done    chan error
+	LogPath string
+}
+
+// StartLazyPages starts the lazy-pages daemon (go-criu has no RPC for it) and waits
+// until it accepts the restore's connection.
+func (e *Engine) StartLazyPages(ctx context.Context, o LazyPagesOptions) (*LazyPages, error) {
+	if err := prepareDir(o.ImagesDir); err != nil {
+		return nil, err
+	}
+	args := []string{"lazy-pages", "-D", o.ImagesDir, "-W", o.ImagesDir,
+		"-v" + strconv.Itoa(int(logLevel(o.LogLevel))), "-o", LazyPagesLog}
+	if o.Source != nil {
+		args = append(args, "--page-server", "--address", o.Source.Host, "--port", strconv.Itoa(o.Source.Port))
+	}
+	if o.TLS != nil {
+		args = append(args, "--tls", "--tls-cacert", o.TLS.CACert, "--tls-cert", o.TLS.Cert, "--tls-key", o.TLS.Key)
+	}
+	sock := filepath.Join(o.ImagesDir, "lazy-pages.socket")
+	_ = os.Remove(sock)
+	cmd := exec.Command(e.Path(), args...)
+	logPath := filepath.Join(o.ImagesDir, LazyPagesLog)
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start lazy-pages: %w", err)
+	}
+	lp := &LazyPages{cmd: cmd, done: make(chan error, 1), LogPath: logPath}
+	go func() { lp.done <- cmd.Wait() }()
+	tick := time.NewTicker(2 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if _, err := os.Stat(sock); err == nil {
+			return lp, nil
+		}
+		select {
+		case err := <-lp.done:
+			lp.done <- err
+			if err == nil {
+				err = errors.New("exited before serving")
+			}
+			return nil, criuError("lazy-pages", err, logPath)
+		case <-ctx.Done():
+			lp.Stop()
+			return nil, ctx.Err()
+		case <-tick.C:
+		}
+	}
+}
+
+// Wait blocks until the daemon has delivered every page and exited, or ctx ends.
+func (l *LazyPages) Wait(ctx context.Context) error {
+	select {
+	case err := <-l.done:
+		l.done <- err
+		if err != nil {
+			return criuError("lazy-pages", err, l.LogPath)
+		}
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Stop kills the daemon if it still runs.
+func (l *LazyPages) Stop() {
+	_ = l.cmd.Process.Kill() // harmless when it already exited
+	err := <-l.done
+	l.done <- err
+}

@@ -1,0 +1,204 @@
+// Command testprog is the workload duplex's tests checkpoint, restore and migrate.
+//
+//	testprog counter [interval]      print 1, 2, 3, ... one per line
+//	testprog openfile PATH           hold PATH open, then count like counter
+//	testprog complex DIR             a tree with threads, a pipe to a child, an open
+//	                                 file in DIR, a zombie and a listening TCP socket
+//	                                 whose port it prints as "PORT n"; each connection
+//	                                 gets a JSON Status
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"sync/atomic"
+	"time"
+)
+
+// Status is what complex reports to each connection.
+type Status struct {
+	Counter    int64  `json:"counter"`
+	Sent       int64  `json:"sent"`        // sequence numbers written into the pipe
+	Acked      int64  `json:"acked"`       // sequence numbers the child confirmed in order
+	ChildPid   int    `json:"child_pid"`   // pipe reader, PID inside the namespace
+	ZombiePid  int    `json:"zombie_pid"`  // exited child never waited for
+	File       string `json:"file"`        // contents read through the held descriptor
+	FileOffset int64  `json:"file_offset"` // its current offset
+	Threads    int    `json:"threads"`
+	Pid        int    `json:"pid"` // PID inside the namespace
+}
+
+func main() {
+	if len(os.Args) < 2 {
+		fmt.Fprintln(os.Stderr, "usage: testprog counter|openfile|complex|pipe-reader|exit0")
+		os.Exit(2)
+	}
+	switch os.Args[1] {
+	case "counter":
+		interval := 20 * time.Millisecond
+		if len(os.Args) > 2 {
+			d, err := time.ParseDuration(os.Args[2])
+			if err != nil {
+				fatal(err)
+			}
+			interval = d
+		}
+		count(interval)
+	case "openfile":
+		f, err := os.OpenFile(os.Args[2], os.O_RDWR|os.O_CREATE, 0o644)
+		if err != nil {
+			fatal(err)
+		}
+		defer f.Close()
+		fmt.Fprintf(f, "held by %d\n", os.Getpid())
+		count(20 * time.Millisecond)
+	case "complex":
+		complexTree(os.Args[2])
+	case "pipe-reader":
+		pipeReader()
+	case "exit0":
+		os.Exit(0)
+	default:
+		fatal(fmt.Errorf("unknown mode %q", os.Args[1]))
+	}
+}
+
+func fatal(err error) {
+	fmt.Fprintln(os.Stderr, "testprog:", err)
+	os.Exit(1)
+}
+
+func count(interval time.Duration) {
+	w := bufio.NewWriter(os.Stdout)
+	for i := 1; ; i++ {
+		fmt.Fprintln(w, i)
+		w.Flush()
+		time.Sleep(interval)
+	}
+}
+
+// pipeReader reads sequence numbers from fd 3 and acknowledges each on fd 4; it
+// exits with status 3 on the first gap.
+func pipeReader() {
+	in := bufio.NewReader(os.NewFile(3, "seq"))
+	out := os.NewFile(4, "ack")
+	var want int64 = 1
+	for {
+		line, err := in.ReadString('\n')
+		if err != nil {
+			fatal(err)
+		}
+		n, err := strconv.ParseInt(line[:len(line)-1], 10, 64)
+		if err != nil || n != want {
+			fmt.Fprintf(os.Stderr, "pipe-reader: got %q, want %d\n", line, want)
+			os.Exit(3)
+		}
+		fmt.Fprintf(out, "%d\n", n)
+		want++
+	}
+}
+
+func complexTree(dir string) {
+	var st Status
+	st.Pid = os.Getpid()
+
+	// Threads beyond the Go runtime's own.
+	for i := 0; i < 4; i++ {
+		go func() {
+			runtime.LockOSThread()
+			for {
+				time.Sleep(50 * time.Millisecond)
+			}
+		}()
+	}
+
+	// A child reading a pipe and acknowledging through another.
+	seqR, seqW, err := os.Pipe()
+	if err != nil {
+		fatal(err)
+	}
+	ackR, ackW, err := os.Pipe()
+	if err != nil {
+		fatal(err)
+	}
+	reader := exec.Command("/proc/self/exe", "pipe-reader")
+	reader.ExtraFiles = []*os.File{seqR, ackW}
+	reader.Stderr = os.Stderr
+	if err := reader.Start(); err != nil {
+		fatal(err)
+	}
+	seqR.Close()
+	ackW.Close()
+	st.ChildPid = reader.Process.Pid
+	var sent, acked, counter atomic.Int64
+	go func() {
+		for i := int64(1); ; i++ {
+			if _, err := fmt.Fprintf(seqW, "%d\n", i); err != nil {
+				return
+			}
+			sent.Store(i)
+			time.Sleep(10 * time.Millisecond)
+		}
+	}()
+	go func() {
+		sc := bufio.NewScanner(ackR)
+		for sc.Scan() {
+			n, _ := strconv.ParseInt(sc.Text(), 10, 64)
+			acked.Store(n)
+		}
+	}()
+
+	// A zombie: a child that exits and is never waited for.
+	z := exec.Command("/proc/self/exe", "exit0")
+	if err := z.Start(); err != nil {
+		fatal(err)
+	}
+	st.ZombiePid = z.Process.Pid
+
+	// An open file with a known offset.
+	f, err := os.Create(filepath.Join(dir, "held.txt"))
+	if err != nil {
+		fatal(err)
+	}
+	if _, err := f.WriteString("complex-tree-data"); err != nil {
+		fatal(err)
+	}
+
+	go func() {
+		for {
+			counter.Add(1)
+			time.Sleep(10 * time.Millisecond)
+		}
+	}()
+
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		fatal(err)
+	}
+	fmt.Printf("PORT %d\n", ln.Addr().(*net.TCPAddr).Port)
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			fatal(err)
+		}
+		s := st
+		s.Counter, s.Sent, s.Acked = counter.Load(), sent.Load(), acked.Load()
+		off, _ := f.Seek(0, io.SeekCurrent)
+		s.FileOffset = off
+		buf := make([]byte, 64)
+		n, _ := f.ReadAt(buf, 0)
+		s.File = string(buf[:n])
+		tasks, _ := os.ReadDir("/proc/self/task")
+		s.Threads = len(tasks)
+		_ = json.NewEncoder(c).Encode(s)
+		c.Close()
+	}
+}

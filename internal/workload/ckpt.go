@@ -1,0 +1,259 @@
+package workload
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+
+	"github.com/duplex-ha/duplex/checkpoint"
+)
+
+// MetaFile is the workload description a checkpoint directory carries beside CRIU's
+// images, so that a restore knows what it brings back.
+const MetaFile = "duplex-workload.json"
+
+// Meta is the content of MetaFile.
+type Meta struct {
+	Record         Record    `json:"record"`
+	TCPEstablished bool      `json:"tcp_established"`
+	NetworkLock    string    `json:"network_lock,omitempty"`
+	Dumped         time.Time `json:"dumped"`
+}
+
+// CheckpointOptions describes a checkpoint of a workload.
+type CheckpointOptions struct {
+	Dir            string
+	LeaveRunning   bool // keep the workload running after the dump
+	LeaveStopped   bool // keep it frozen (state Frozen) so it can be resumed or restored elsewhere
+	TCPEstablished bool
+	NetworkLock    checkpoint.NetworkLock
+}
+
+// Checkpoint dumps a running workload into opts.Dir. Unless told to leave it running
+// or stopped, the workload is gone from this host afterwards (state Checkpointed).
+// A failed dump leaves it running.
+func (m *Manager) Checkpoint(ctx context.Context, name string, opts CheckpointOptions) (*checkpoint.DumpStats, error) {
+	if m.cfg.Checkpointer == nil {
+		return nil, fmt.Errorf("checkpoint %s: %w", name, errNoCheckpointer)
+	}
+	if opts.Dir == "" {
+		return nil, fmt.Errorf("%w: checkpoint %s: no image directory given", ErrInvalid, name)
+	}
+	if opts.LeaveRunning && opts.LeaveStopped {
+		return nil, fmt.Errorf("%w: checkpoint %s: leave-running and leave-stopped exclude each other", ErrInvalid, name)
+	}
+	dir, err := filepath.Abs(opts.Dir)
+	if err != nil {
+		return nil, fmt.Errorf("checkpoint %s: %w", name, err)
+	}
+	e, err := m.acquire(name, "checkpoint", Running)
+	if err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	rec := e.rec
+	m.mu.Unlock()
+
+	settle := func(st State) {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		switch {
+		case st == Checkpointed:
+			m.finish(e, Checkpointed, "checkpointed to "+dir)
+		case st != "":
+			e.rec.State = st
+			_ = m.save(&e.rec)
+		}
+		m.release(e)
+	}
+
+	if err := writableDir(dir); err != nil {
+		settle("")
+		return nil, fmt.Errorf("checkpoint %s: %w", name, err)
+	}
+	meta := Meta{Record: rec, TCPEstablished: opts.TCPEstablished, Dumped: time.Now()}
+	if opts.NetworkLock == checkpoint.LockNFTables {
+		meta.NetworkLock = "nftables"
+	}
+	if err := writeJSON(filepath.Join(dir, MetaFile), meta); err != nil {
+		settle("")
+		return nil, fmt.Errorf("checkpoint %s: %w", name, err)
+	}
+
+	st, err := m.cfg.Checkpointer.Dump(ctx, checkpoint.DumpOptions{
+		Pid:            rec.Pid,
+		ImagesDir:      dir,
+		LeaveRunning:   opts.LeaveRunning,
+		LeaveStopped:   opts.LeaveStopped,
+		TCPEstablished: opts.TCPEstablished,
+		NetworkLock:    opts.NetworkLock,
+		ManageCgroups:  true,
+		FileLocks:      true,
+	})
+	if err != nil {
+		_ = os.Remove(filepath.Join(dir, MetaFile))
+		settle("")
+		return nil, fmt.Errorf("checkpoint %s: %w", name, err)
+	}
+	switch {
+	case opts.LeaveRunning:
+		settle("")
+	case opts.LeaveStopped:
+		settle(Frozen)
+	default:
+		// CRIU killed the tree; wait briefly for the watcher to see it go.
+		m.mu.Lock()
+		done := e.done
+		m.mu.Unlock()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+		}
+		settle(Checkpointed)
+	}
+	m.log.WithFields(logrus.Fields{"workload": name, "dir": dir, "frozen": st.FrozenTime, "pages": st.PagesWritten}).Info("checkpointed workload")
+	return st, nil
+}
+
+// Resume continues a workload that a dump left frozen (the rollback of a migration).
+func (m *Manager) Resume(name string) (Record, error) {
+	e, err := m.acquire(name, "resume", Frozen)
+	if err != nil {
+		return Record{}, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	defer m.release(e)
+	if err := checkpoint.Resume(e.rec.Pid); err != nil {
+		return e.rec, fmt.Errorf("resume %s: %w", name, err)
+	}
+	e.rec.State = Running
+	e.rec.Message = ""
+	_ = m.save(&e.rec)
+	return e.rec, nil
+}
+
+// RestoreOptions describes a restore of a checkpointed workload.
+type RestoreOptions struct {
+	Dir  string
+	Name string // restore under this name instead of the checkpointed one
+}
+
+// Restore brings back the workload checkpointed in opts.Dir and adopts it. A
+// workload of the same name may exist only if it no longer runs.
+func (m *Manager) Restore(ctx context.Context, opts RestoreOptions) (Record, *checkpoint.RestoreResult, error) {
+	if m.cfg.Checkpointer == nil {
+		return Record{}, nil, fmt.Errorf("restore: %w", errNoCheckpointer)
+	}
+	dir, err := filepath.Abs(opts.Dir)
+	if err != nil {
+		return Record{}, nil, fmt.Errorf("restore: %w", err)
+	}
+	var meta Meta
+	b, err := os.ReadFile(filepath.Join(dir, MetaFile))
+	if err != nil {
+		return Record{}, nil, fmt.Errorf("%w: restore from %s: not a duplex checkpoint: %w", ErrInvalid, dir, err)
+	}
+	if err := json.Unmarshal(b, &meta); err != nil {
+		return Record{}, nil, fmt.Errorf("%w: restore from %s: %s: %w", ErrInvalid, dir, MetaFile, err)
+	}
+	rec := meta.Record
+	if opts.Name != "" {
+		rec.Name = opts.Name
+	}
+	if err := ValidateName(rec.Name); err != nil {
+		return Record{}, nil, err
+	}
+
+	m.mu.Lock()
+	old, exists := m.w[rec.Name]
+	if exists && (old.busy != "" || live(old.rec.State)) {
+		m.mu.Unlock()
+		return Record{}, nil, fmt.Errorf("%w: restore %s: a workload of that name is %s", ErrExists, rec.Name, old.rec.State)
+	}
+	e := &entry{busy: "restore", done: make(chan struct{})}
+	if exists {
+		e.rec = old.rec
+	}
+	m.w[rec.Name] = e
+	m.mu.Unlock()
+
+	undo := func() {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		if exists {
+			m.w[rec.Name] = old
+		} else {
+			delete(m.w, rec.Name)
+		}
+	}
+	lock := checkpoint.LockDefault
+	if meta.NetworkLock == "nftables" {
+		lock = checkpoint.LockNFTables
+	}
+	res, err := m.cfg.Checkpointer.Restore(ctx, checkpoint.RestoreOptions{
+		ImagesDir:      dir,
+		TCPEstablished: meta.TCPEstablished,
+		NetworkLock:    lock,
+		ManageCgroups:  true,
+		FileLocks:      true,
+	})
+	if err != nil {
+		undo()
+		return Record{}, nil, fmt.Errorf("restore %s: %w", rec.Name, err)
+	}
+	fd, err := unix.PidfdOpen(res.Pid, 0)
+	var tick uint64
+	if err == nil {
+		_, _, tick, err = procStat(res.Pid)
+	}
+	if err != nil {
+		// It died at once; nothing runs, so there is nothing to undo but the entry.
+		undo()
+		return Record{}, nil, fmt.Errorf("restore %s: restored pid %d: %w", rec.Name, res.Pid, err)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	rec.State = Running
+	rec.Pid = res.Pid
+	rec.StartTick = tick
+	rec.Started = time.Now()
+	rec.Finished = time.Time{}
+	rec.ExitCode = nil
+	rec.Message = "restored from " + dir
+	rec.Restores++
+	e.rec, e.pidfd, e.busy = rec, fd, ""
+	if err := m.save(&e.rec); err != nil {
+		m.log.WithError(err).WithField("workload", rec.Name).Error("saving workload record")
+	}
+	m.watch(e, res.Pid, fd)
+	m.log.WithFields(logrus.Fields{"workload": rec.Name, "pid": res.Pid, "restore_time": res.RestoreTime}).Info("restored workload")
+	return e.rec, res, nil
+}
+
+func writableDir(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("image directory %s: %w", dir, err)
+	}
+	f, err := os.CreateTemp(dir, ".duplex-probe-*")
+	if err != nil {
+		return fmt.Errorf("image directory %s is not writable: %w", dir, err)
+	}
+	f.Close()
+	return os.Remove(f.Name())
+}
+
+func writeJSON(path string, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, b, 0o600)
+}
+
