@@ -39,7 +39,12 @@ type CRIUError struct {
 
 func (e *CRIUError) Error() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "criu %s: %s", e.Op, e.Err.Error())
+	fmt.Fprintf(&b, "criu %s failed", e.Op)
+	if len(e.Lines) == 0 || !strings.Contains(e.Err.Error(), "operation failed") {
+		// go-criu's own message quotes CRIU's first error line, which is usually
+		// noise; the explaining lines below say more.
+		fmt.Fprintf(&b, ": %s", strings.ReplaceAll(e.Err.Error(), "\n", " "))
+	}
 	if e.Missing != nil {
 		fmt.Fprintf(&b, ": %s", e.Missing.Error())
 	}

@@ -19,3 +19,20 @@ func procAlive(pid int) bool {
 	i := strings.LastIndexByte(s, ')')
 	return i > 0 && len(s) > i+2 && s[i+2] != 'Z'
 }
+
+// mountReadOnly bind-mounts dir onto itself read-only and unmounts it at cleanup.
+func mountReadOnly(t interface {
+	Cleanup(func())
+	Logf(string, ...any)
+}, dir string) error {
+	if err := syscall.Mount(dir, dir, "", syscall.MS_BIND, ""); err != nil {
+		t.Logf("bind mount %s: %v (skipping the read-only case)", dir, err)
+		return err
+	}
+	t.Cleanup(func() { _ = syscall.Unmount(dir, syscall.MNT_DETACH) })
+	if err := syscall.Mount("", dir, "", syscall.MS_BIND|syscall.MS_REMOUNT|syscall.MS_RDONLY, ""); err != nil {
+		t.Logf("remount %s read-only: %v", dir, err)
+		return err
+	}
+	return nil
+}
