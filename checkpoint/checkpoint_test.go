@@ -21,7 +21,7 @@ func TestMain(m *testing.M) { os.Exit(testutil.Main(m)) }
 
 // launch starts testprog args as a managed workload (own PID namespace and cgroup)
 // and kills it when the test ends.
-func launch(t *testing.T, name string, args ...string) workload.Record {
+func launch(t testing.TB, name string, args ...string) workload.Record {
 	t.Helper()
 	prog := testutil.Build(t, "./internal/testprog")
 	m, err := workload.New(workload.Config{StateDir: t.TempDir(), CgroupParent: testutil.CgroupParent(t), Log: testutil.Logger(t)})
@@ -51,7 +51,7 @@ func procState(pid int) byte {
 	return s[strings.LastIndexByte(s, ')')+2]
 }
 
-func logSize(t *testing.T, path string) int64 {
+func logSize(t testing.TB, path string) int64 {
 	st, err := os.Stat(path)
 	if err != nil {
 		t.Fatal(err)

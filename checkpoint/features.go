@@ -16,7 +16,7 @@ const (
 	FeatureMemDirtyTrack = "mem_dirty_track"       // soft-dirty bits: pre-dumps, pre-copy
 	FeatureUFFD          = "uffd"                  // userfaultfd: lazy pages
 	FeatureUFFDNonCoop   = "uffd-noncoop"          // userfaultfd for forks: lazy pages of a tree
-	FeatureNFTablesLock  = "network-lock-nftables" // nftables network lock
+	FeatureNFTablesLock  = "network_lock_nftables" // nftables network lock
 	FeatureTCPHalfClosed = "tcp_half_closed"
 )
 

@@ -2,6 +2,7 @@
 //
 //	testprog counter [interval]      print 1, 2, 3, ... one per line
 //	testprog openfile PATH           hold PATH open, then count like counter
+//	testprog hog SIZE                fill SIZE bytes (e.g. 64M) of memory, print READY, idle
 //	testprog complex DIR             a tree with threads, a pipe to a child, an open
 //	                                 file in DIR, a zombie and a listening TCP socket
 //	                                 whose port it prints as "PORT n"; each connection
@@ -62,6 +63,8 @@ func main() {
 		count(20 * time.Millisecond)
 	case "complex":
 		complexTree(os.Args[2])
+	case "hog":
+		hog(os.Args[2])
 	case "pipe-reader":
 		pipeReader()
 	case "exit0":
@@ -200,5 +203,34 @@ func complexTree(dir string) {
 		s.Threads = len(tasks)
 		_ = json.NewEncoder(c).Encode(s)
 		c.Close()
+	}
+}
+
+// hog keeps size bytes of anonymous memory resident, filled so no page is zero.
+func hog(size string) {
+	mult := int64(1)
+	switch size[len(size)-1] {
+	case 'K', 'k':
+		mult = 1 << 10
+	case 'M', 'm':
+		mult = 1 << 20
+	case 'G', 'g':
+		mult = 1 << 30
+	}
+	if mult > 1 {
+		size = size[:len(size)-1]
+	}
+	n, err := strconv.ParseInt(size, 10, 64)
+	if err != nil {
+		fatal(err)
+	}
+	buf := make([]byte, n*mult)
+	for i := range buf {
+		buf[i] = byte(i*7 + i>>12)
+	}
+	fmt.Println("READY")
+	for {
+		time.Sleep(time.Hour)
+		buf[0]++
 	}
 }

@@ -35,6 +35,9 @@ func missing(t testing.TB, what string) {
 // RequiresRoot skips a test that needs root when not running as root.
 func RequiresRoot(t testing.TB) {
 	t.Helper()
+	if testing.Short() {
+		t.Skip("needs root: skipped in -short mode")
+	}
 	if os.Geteuid() != 0 {
 		if OnCI() {
 			t.Fatal("test needs root and CI runs as root")

@@ -71,7 +71,7 @@ func TestCounterSurvivesCheckpointRestore(t *testing.T) {
 
 // complexStatus asks a testprog complex tree for its status.
 func complexStatus(t *testing.T, port int) (st struct {
-	Counter, Sent, Acked, FileOffset int64
+	Counter, Sent, Acked, FileOffset  int64
 	ChildPid, ZombiePid, Threads, Pid int
 	File                              string
 }) {

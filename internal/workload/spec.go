@@ -21,9 +21,9 @@ var (
 // Spec is what a user asks to run.
 type Spec struct {
 	Name string   `json:"name"`
-	Args []string `json:"args"`           // argv; Args[0] is looked up in the workload's PATH
-	Env  []string `json:"env,omitempty"`  // KEY=VALUE; empty means a minimal default
-	Cwd  string   `json:"cwd,omitempty"`  // empty means /
+	Args []string `json:"args"`          // argv; Args[0] is looked up in the workload's PATH
+	Env  []string `json:"env,omitempty"` // KEY=VALUE; empty means a minimal default
+	Cwd  string   `json:"cwd,omitempty"` // empty means /
 	// MemoryLimit caps the workload's memory in bytes (cgroup); 0 means no limit.
 	MemoryLimit int64 `json:"memory_limit,omitempty"`
 }

@@ -1,0 +1,46 @@
+# duplex: live-migrate workloads off aging hosts with CRIU, then rejuvenate them.
+SHELL := /bin/bash
+GO ?= go
+BIN := $(CURDIR)/bin
+TOOLS := $(BIN)/tools
+GOTESTSUM := $(TOOLS)/gotestsum
+GOTESTSUM_VERSION := v1.13.0
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X github.com/duplex-ha/duplex/internal/daemon.Version=$(VERSION) \
+           -X github.com/duplex-ha/duplex/internal/ctl.Version=$(VERSION)
+# Root tests share the machine's cgroups and CRIU; two packages at a time is plenty.
+TEST_FLAGS ?= -count=1 -p 2 -timeout 15m
+
+.DEFAULT_GOAL := help
+.PHONY: help deps tools build test test-unit lint bench clean
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+deps: tools ## Install CRIU, Debian packages and Go tools duplex needs (idempotent)
+	bash scripts/deps.sh
+
+tools: $(GOTESTSUM) ## Install the Go tools the tests use into bin/tools
+
+$(GOTESTSUM):
+	GOBIN=$(TOOLS) $(GO) install gotest.tools/gotestsum@$(GOTESTSUM_VERSION)
+
+build: ## Build duplexd and duplexctl into bin/
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/duplexd ./cmd/duplexctl
+
+test: deps ## Run every test (unit and root tests with real CRIU); needs root
+	$(GOTESTSUM) --format testname -- $(TEST_FLAGS) ./...
+
+test-unit: tools ## Run the tests that need neither root nor CRIU
+	$(GOTESTSUM) --format testname -- -count=1 -short ./...
+
+lint: ## gofmt and go vet
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+bench: deps ## Measure dump and restore through the engine (64 MiB, 512 MiB)
+	$(GO) test -run '^$$' -bench . -benchtime 3x -count 1 ./checkpoint/
+
+clean: ## Remove build output and leftovers of crashed test runs
+	rm -rf $(BIN)
+	bash scripts/clean-leftovers.sh

@@ -1,0 +1,132 @@
+// Package api defines the JSON messages duplexctl and duplexd exchange over duplexd's
+// root-only unix socket, and the client duplexctl uses.
+package api
+
+import (
+	"time"
+
+	"github.com/duplex-ha/duplex/checkpoint"
+	"github.com/duplex-ha/duplex/internal/workload"
+)
+
+// DefaultSocket is where duplexd listens unless told otherwise.
+const DefaultSocket = "/run/duplex/duplexd.sock"
+
+// EnvSocket overrides the socket path for duplexctl.
+const EnvSocket = "DUPLEX_SOCKET"
+
+// Error codes carried in Error.Code.
+const (
+	CodeNotFound   = "not_found"
+	CodeExists     = "exists"
+	CodeInvalid    = "invalid"
+	CodeNotRunning = "not_running"
+	CodeForbidden  = "forbidden"
+	CodeInternal   = "internal"
+)
+
+// Error is the body of every failed request.
+type Error struct {
+	Message string `json:"error"`
+	Code    string `json:"code"`
+}
+
+func (e *Error) Error() string { return e.Message }
+
+// Info describes a running daemon.
+type Info struct {
+	Version      string `json:"version"`
+	Pid          int    `json:"pid"`
+	StateDir     string `json:"state_dir"`
+	CRIU         string `json:"criu"`
+	CgroupParent string `json:"cgroup_parent"`
+	Workloads    int    `json:"workloads"`
+}
+
+// StopRequest asks to stop a workload.
+type StopRequest struct {
+	Timeout Duration `json:"timeout"` // grace between SIGTERM and SIGKILL
+}
+
+// CheckpointRequest asks to dump a workload into a directory on the daemon's host.
+type CheckpointRequest struct {
+	Dir            string `json:"dir"`
+	LeaveRunning   bool   `json:"leave_running,omitempty"`
+	LeaveStopped   bool   `json:"leave_stopped,omitempty"`
+	TCPEstablished bool   `json:"tcp_established,omitempty"`
+}
+
+// CheckpointResponse reports a dump.
+type CheckpointResponse struct {
+	Workload workload.Record `json:"workload"`
+	Stats    DumpStats       `json:"stats"`
+}
+
+// RestoreRequest asks to restore the checkpoint in Dir, optionally under a new name.
+type RestoreRequest struct {
+	Dir  string `json:"dir"`
+	Name string `json:"name,omitempty"`
+}
+
+// RestoreResponse reports a restore.
+type RestoreResponse struct {
+	Workload workload.Record `json:"workload"`
+	Stats    RestoreStats    `json:"stats"`
+}
+
+// DumpStats is checkpoint.DumpStats in JSON-friendly units.
+type DumpStats struct {
+	FreezingMS   float64 `json:"freezing_ms"`
+	FrozenMS     float64 `json:"frozen_ms"`
+	MemdumpMS    float64 `json:"memdump_ms"`
+	MemwriteMS   float64 `json:"memwrite_ms"`
+	PagesWritten uint64  `json:"pages_written"`
+	BytesWritten uint64  `json:"bytes_written"`
+	WallMS       float64 `json:"wall_ms"`
+}
+
+// RestoreStats is checkpoint.RestoreResult in JSON-friendly units.
+type RestoreStats struct {
+	Pid        int     `json:"pid"`
+	RestoreMS  float64 `json:"restore_ms"`
+	ForkingMS  float64 `json:"forking_ms"`
+	WallMS     float64 `json:"wall_ms"`
+	PagesTotal uint64  `json:"pages_restored,omitempty"`
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// pageSize is the size of the pages CRIU counts.
+const pageSize = 4096
+
+// NewDumpStats converts CRIU's dump statistics.
+func NewDumpStats(s *checkpoint.DumpStats) DumpStats {
+	if s == nil {
+		return DumpStats{}
+	}
+	return DumpStats{
+		FreezingMS: ms(s.FreezingTime), FrozenMS: ms(s.FrozenTime),
+		MemdumpMS: ms(s.MemdumpTime), MemwriteMS: ms(s.MemwriteTime),
+		PagesWritten: s.PagesWritten, BytesWritten: s.PagesWritten * pageSize,
+		WallMS: ms(s.Wall),
+	}
+}
+
+// NewRestoreStats converts CRIU's restore statistics.
+func NewRestoreStats(r *checkpoint.RestoreResult) RestoreStats {
+	if r == nil {
+		return RestoreStats{}
+	}
+	return RestoreStats{Pid: r.Pid, RestoreMS: ms(r.RestoreTime), ForkingMS: ms(r.ForkingTime), WallMS: ms(r.Wall), PagesTotal: r.PagesRestore}
+}
+
+// Duration is a time.Duration that reads and writes JSON as a Go duration string.
+type Duration time.Duration
+
+func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
+
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	*d = Duration(v)
+	return err
+}

@@ -1,0 +1,189 @@
+package api
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"syscall"
+
+	"github.com/duplex-ha/duplex/internal/workload"
+)
+
+// ErrDaemonUnreachable means no duplexd answers on the socket.
+var ErrDaemonUnreachable = errors.New("duplexd is not reachable")
+
+// SocketPath returns the socket to use: the flag value if set, else $DUPLEX_SOCKET,
+// else DefaultSocket.
+func SocketPath(flag string) string {
+	if flag != "" {
+		return flag
+	}
+	if s := os.Getenv(EnvSocket); s != "" {
+		return s
+	}
+	return DefaultSocket
+}
+
+// Client talks to a local duplexd.
+type Client struct {
+	socket string
+	http   *http.Client
+}
+
+// NewClient returns a client for the daemon listening on socket.
+func NewClient(socket string) *Client {
+	tr := &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", socket)
+		},
+	}
+	return &Client{socket: socket, http: &http.Client{Transport: tr}}
+}
+
+func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	resp, err := c.send(ctx, method, path, in)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if out == nil {
+		_, _ = io.Copy(io.Discard, resp.Body)
+		return nil
+	}
+	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
+		return fmt.Errorf("decode %s reply: %w", path, err)
+	}
+	return nil
+}
+
+// send performs a request and returns a response with a 2xx status, or the
+// daemon's error.
+func (c *Client) send(ctx context.Context, method, path string, in any) (*http.Response, error) {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return nil, err
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://duplexd"+path, body)
+	if err != nil {
+		return nil, err
+	}
+	if in != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return nil, c.dialError(err)
+	}
+	if resp.StatusCode/100 == 2 {
+		return resp, nil
+	}
+	defer resp.Body.Close()
+	var e Error
+	if err := json.NewDecoder(resp.Body).Decode(&e); err != nil || e.Message == "" {
+		return nil, fmt.Errorf("duplexd: %s %s: %s", method, path, resp.Status)
+	}
+	return nil, &e
+}
+
+func (c *Client) dialError(err error) error {
+	switch {
+	case errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.EPERM):
+		return fmt.Errorf("permission denied on %s: duplexd's socket is root-only; run duplexctl as root", c.socket)
+	case errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED):
+		return fmt.Errorf("%w at %s (is duplexd running? start it with 'duplexd' or 'systemctl start duplexd'): %w", ErrDaemonUnreachable, c.socket, err)
+	}
+	return fmt.Errorf("talk to duplexd at %s: %w", c.socket, err)
+}
+
+// IsCode reports whether err is a daemon error with the given code.
+func IsCode(err error, code string) bool {
+	var e *Error
+	return errors.As(err, &e) && e.Code == code
+}
+
+// Info returns the daemon's description.
+func (c *Client) Info(ctx context.Context) (Info, error) {
+	var i Info
+	return i, c.do(ctx, http.MethodGet, "/v1/info", nil, &i)
+}
+
+// Run starts a workload.
+func (c *Client) Run(ctx context.Context, spec workload.Spec) (workload.Record, error) {
+	var r workload.Record
+	return r, c.do(ctx, http.MethodPost, "/v1/workloads", spec, &r)
+}
+
+// List returns every workload.
+func (c *Client) List(ctx context.Context) ([]workload.Record, error) {
+	var r []workload.Record
+	return r, c.do(ctx, http.MethodGet, "/v1/workloads", nil, &r)
+}
+
+// Get returns one workload.
+func (c *Client) Get(ctx context.Context, name string) (workload.Record, error) {
+	var r workload.Record
+	return r, c.do(ctx, http.MethodGet, "/v1/workloads/"+url.PathEscape(name), nil, &r)
+}
+
+// Stop stops a workload.
+func (c *Client) Stop(ctx context.Context, name string, req StopRequest) (workload.Record, error) {
+	var r workload.Record
+	return r, c.do(ctx, http.MethodPost, "/v1/workloads/"+url.PathEscape(name)+"/stop", req, &r)
+}
+
+// Remove forgets a workload that no longer runs.
+func (c *Client) Remove(ctx context.Context, name string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/workloads/"+url.PathEscape(name), nil, nil)
+}
+
+// Checkpoint dumps a workload.
+func (c *Client) Checkpoint(ctx context.Context, name string, req CheckpointRequest) (CheckpointResponse, error) {
+	var r CheckpointResponse
+	return r, c.do(ctx, http.MethodPost, "/v1/workloads/"+url.PathEscape(name)+"/checkpoint", req, &r)
+}
+
+// Resume continues a workload a checkpoint left frozen.
+func (c *Client) Resume(ctx context.Context, name string) (workload.Record, error) {
+	var r workload.Record
+	return r, c.do(ctx, http.MethodPost, "/v1/workloads/"+url.PathEscape(name)+"/resume", nil, &r)
+}
+
+// Restore brings a checkpoint back.
+func (c *Client) Restore(ctx context.Context, req RestoreRequest) (RestoreResponse, error) {
+	var r RestoreResponse
+	return r, c.do(ctx, http.MethodPost, "/v1/restore", req, &r)
+}
+
+// Logs streams a workload's output ("stdout", "stderr" or "both") into w; with
+// follow it keeps streaming until ctx ends or the workload stops.
+func (c *Client) Logs(ctx context.Context, name, stream string, tail int, follow bool, w io.Writer) error {
+	q := url.Values{"stream": {stream}}
+	if tail >= 0 {
+		q.Set("tail", fmt.Sprint(tail))
+	}
+	if follow {
+		q.Set("follow", "true")
+	}
+	resp, err := c.send(ctx, http.MethodGet, "/v1/workloads/"+url.PathEscape(name)+"/logs?"+q.Encode(), nil)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	_, err = io.Copy(w, resp.Body)
+	if ctx.Err() != nil {
+		return nil
+	}
+	return err
+}

@@ -1,0 +1,124 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/sirupsen/logrus"
+	"github.com/spf13/cobra"
+	"sigs.k8s.io/yaml"
+
+	"github.com/duplex-ha/duplex/checkpoint"
+	"github.com/duplex-ha/duplex/internal/api"
+)
+
+// DefaultConfigFile is read when it exists and --config is not given.
+const DefaultConfigFile = "/etc/duplex/duplexd.yaml"
+
+// fileConfig is the YAML config file; flags given on the command line win.
+type fileConfig struct {
+	Config    `json:",inline"`
+	LogLevel  string `json:"log_level"`
+	LogFormat string `json:"log_format"`
+}
+
+// NewCommand returns duplexd's command line.
+func NewCommand() *cobra.Command {
+	var cfgFile string
+	var fc fileConfig
+	cmd := &cobra.Command{
+		Use:   "duplexd",
+		Short: "duplex's host daemon: runs managed workloads and checkpoints them with CRIU",
+		Long: `duplexd runs on every host of a duplex cluster, as root. It launches workloads in
+their own PID namespace and cgroup, adopts those still running when it restarts,
+and checkpoints and restores them with CRIU. duplexctl talks to it over a
+root-only unix socket.
+
+Settings come from flags, then the config file (YAML, keys as the flags with
+'_' for '-'), then defaults. The CRIU binary also honours $` + checkpoint.EnvCRIUPath + `.`,
+		Version:       Version,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		Args:          cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			var file fileConfig
+			path, explicit := cfgFile, cfgFile != ""
+			if !explicit {
+				path = DefaultConfigFile
+			}
+			if b, err := os.ReadFile(path); err == nil {
+				if err := yaml.UnmarshalStrict(b, &file); err != nil {
+					return fmt.Errorf("config %s: %w", path, err)
+				}
+			} else if explicit || !errors.Is(err, os.ErrNotExist) {
+				return fmt.Errorf("config: %w", err)
+			}
+			merge(cmd, &fc, &file)
+			log, err := newLogger(fc.LogLevel, fc.LogFormat)
+			if err != nil {
+				return err
+			}
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			return Run(ctx, fc.Config, log)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&cfgFile, "config", "", "config file (default "+DefaultConfigFile+" if present)")
+	f.StringVar(&fc.StateDir, "state-dir", "/var/lib/duplex", "directory for workload records, logs and images")
+	f.StringVar(&fc.Socket, "socket", api.DefaultSocket, "unix socket duplexctl connects to")
+	f.StringVar(&fc.CRIU, "criu", "", "CRIU binary (default $"+checkpoint.EnvCRIUPath+", then "+checkpoint.DefaultCRIUPath+", then PATH)")
+	f.StringVar(&fc.CgroupParent, "cgroup-parent", "duplex", "cgroup below which each workload gets its own")
+	f.StringVar(&fc.LogLevel, "log-level", "info", "debug, info, warn or error")
+	f.StringVar(&fc.LogFormat, "log-format", "text", "text or json")
+	return cmd
+}
+
+// merge takes each setting from the file unless its flag was given.
+func merge(cmd *cobra.Command, fc, file *fileConfig) {
+	set := func(flag string, dst *string, v string) {
+		if !cmd.Flags().Changed(flag) && v != "" {
+			*dst = v
+		}
+	}
+	set("state-dir", &fc.StateDir, file.StateDir)
+	set("socket", &fc.Socket, file.Socket)
+	set("criu", &fc.CRIU, file.CRIU)
+	set("cgroup-parent", &fc.CgroupParent, file.CgroupParent)
+	set("log-level", &fc.LogLevel, file.LogLevel)
+	set("log-format", &fc.LogFormat, file.LogFormat)
+}
+
+func newLogger(level, format string) (*logrus.Entry, error) {
+	l := logrus.New()
+	l.SetOutput(os.Stderr)
+	lv, err := logrus.ParseLevel(level)
+	if err != nil {
+		return nil, fmt.Errorf("--log-level %q: %w", level, err)
+	}
+	l.SetLevel(lv)
+	switch format {
+	case "text":
+		l.SetFormatter(&logrus.TextFormatter{FullTimestamp: true})
+	case "json":
+		l.SetFormatter(&logrus.JSONFormatter{})
+	default:
+		return nil, fmt.Errorf("--log-format %q: use text or json", format)
+	}
+	return logrus.NewEntry(l), nil
+}
+
+// Main runs duplexd and returns its exit code.
+func Main(args []string) int {
+	cmd := NewCommand()
+	cmd.SetArgs(args)
+	if err := cmd.ExecuteContext(context.Background()); err != nil {
+		fmt.Fprintf(os.Stderr, "duplexd: %s\n", err)
+		return 1
+	}
+	return 0
+}

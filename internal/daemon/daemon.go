@@ -1,0 +1,196 @@
+// Package daemon is duplexd: it owns the managed workloads of one host and serves
+// duplexctl on a root-only unix socket. Only cmd/duplexd uses it.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+
+	"github.com/duplex-ha/duplex/checkpoint"
+	"github.com/duplex-ha/duplex/internal/api"
+	"github.com/duplex-ha/duplex/internal/reaper"
+	"github.com/duplex-ha/duplex/internal/workload"
+)
+
+// Version is duplex's release, set at build time with -ldflags.
+var Version = "dev"
+
+// Config is duplexd's configuration.
+type Config struct {
+	StateDir     string `json:"state_dir"`
+	Socket       string `json:"socket"`
+	CRIU         string `json:"criu"`
+	CgroupParent string `json:"cgroup_parent"`
+	// SocketMode is the permission of the socket file; only root may connect
+	// whatever it is, because the daemon checks each peer's credentials.
+	SocketMode os.FileMode `json:"-"`
+}
+
+// Defaults fills unset fields.
+func (c *Config) Defaults() {
+	if c.StateDir == "" {
+		c.StateDir = "/var/lib/duplex"
+	}
+	if c.Socket == "" {
+		c.Socket = api.DefaultSocket
+	}
+	if c.CRIU == "" {
+		c.CRIU = checkpoint.FindCRIU()
+	}
+	if c.CgroupParent == "" {
+		c.CgroupParent = "duplex"
+	}
+	if c.SocketMode == 0 {
+		c.SocketMode = 0o600
+	}
+}
+
+// Daemon is a running duplexd.
+type Daemon struct {
+	cfg Config
+	log *logrus.Entry
+	eng *checkpoint.Engine
+	wl  *workload.Manager
+}
+
+// Run serves until ctx ends, then stops serving and leaves the workloads running
+// for the next duplexd to adopt.
+func Run(ctx context.Context, cfg Config, log *logrus.Entry) error {
+	cfg.Defaults()
+	if os.Geteuid() != 0 {
+		return errors.New("duplexd must run as root (it creates namespaces and cgroups and runs CRIU)")
+	}
+	if err := reaper.SetSubreaper(); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return fmt.Errorf("state directory %s: %w", cfg.StateDir, err)
+	}
+	lock, err := lockState(cfg.StateDir)
+	if err != nil {
+		return err
+	}
+	defer lock.Close()
+
+	eng := checkpoint.New(cfg.CRIU)
+	wl, err := workload.New(workload.Config{
+		StateDir:     filepath.Join(cfg.StateDir, "workloads"),
+		CgroupParent: cfg.CgroupParent,
+		Checkpointer: eng,
+		Log:          log,
+	})
+	if err != nil {
+		return err
+	}
+	defer wl.Cleanup() // the shared cgroup parent, once empty
+	defer wl.Close()
+	d := &Daemon{cfg: cfg, log: log, eng: eng, wl: wl}
+
+	ln, err := listen(cfg.Socket, cfg.SocketMode)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{
+		Handler:           d.routes(),
+		ReadHeaderTimeout: 10 * time.Second,
+		ConnContext:       peerContext,
+	}
+
+	rctx, stopReaper := context.WithCancel(ctx)
+	reaped := make(chan struct{})
+	go func() {
+		defer close(reaped)
+		reaper.Run(rctx, 2*time.Second, wl.Tracked, func(pid int, ws unix.WaitStatus) {
+			log.WithFields(logrus.Fields{"pid": pid, "status": int(ws)}).Debug("reaped orphan")
+		})
+	}()
+	defer func() { stopReaper(); <-reaped }()
+
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	log.WithFields(logrus.Fields{"socket": cfg.Socket, "state_dir": cfg.StateDir, "criu": cfg.CRIU, "version": Version}).Info("duplexd serving")
+
+	select {
+	case <-ctx.Done():
+	case err := <-errc:
+		return fmt.Errorf("serve %s: %w", cfg.Socket, err)
+	}
+	log.Info("shutting down; workloads keep running")
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	err = srv.Shutdown(sctx)
+	_ = os.Remove(cfg.Socket)
+	if errors.Is(err, context.DeadlineExceeded) {
+		_ = srv.Close()
+		err = nil
+	}
+	return err
+}
+
+// lockState takes an exclusive lock on the state directory so that two daemons
+// never manage the same workloads.
+func lockState(dir string) (*os.File, error) {
+	f, err := os.OpenFile(filepath.Join(dir, "duplexd.lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("lock state directory: %w", err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("state directory %s is in use by another duplexd: %w", dir, err)
+	}
+	return f, nil
+}
+
+// listen creates the unix socket, refusing to steal one a live daemon serves.
+func listen(path string, mode os.FileMode) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("socket directory: %w", err)
+	}
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("another duplexd is already listening on %s", path)
+	}
+	_ = os.Remove(path) // stale socket of a daemon that died
+	old := unix.Umask(0o177)
+	ln, err := net.Listen("unix", path)
+	unix.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	if err := os.Chmod(path, mode); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("socket %s: %w", path, err)
+	}
+	return ln, nil
+}
+
+type peerKey struct{}
+
+// peerContext records the connecting process's credentials (SO_PEERCRED).
+func peerContext(ctx context.Context, c net.Conn) context.Context {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return ctx
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return ctx
+	}
+	var cred *unix.Ucred
+	_ = raw.Control(func(fd uintptr) {
+		cred, _ = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	})
+	if cred == nil {
+		return ctx
+	}
+	return context.WithValue(ctx, peerKey{}, *cred)
+}
