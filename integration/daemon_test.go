@@ -336,3 +336,55 @@ func TestSecondDaemonRefused(t *testing.T) {
 		t.Errorf("second daemon on the same socket: %v\n%s", err, out)
 	}
 }
+
+func TestDoctor(t *testing.T) {
+	testutil.RequiresCRIU(t)
+	h := newHost(t)
+	out, errs, code := h.run("doctor", "-o", "json")
+	if code != 0 {
+		t.Fatalf("doctor exit %d on a host that passes 'criu check'\n%s\n%s", code, out, errs)
+	}
+	var rep struct {
+		OK     bool `json:"ok"`
+		Checks []struct {
+			Name, Status, Detail string
+			Required             bool
+		} `json:"checks"`
+	}
+	if err := json.Unmarshal([]byte(out), &rep); err != nil {
+		t.Fatal(err)
+	}
+	byName := map[string]string{}
+	for _, c := range rep.Checks {
+		byName[c.Name] = c.Status
+	}
+	for _, name := range []string{"kernel", "criu", "criu-check", "uffd", "dirty-tracking", "nftables-lock", "cgroups", "tracefs", "btf", "ebpf-tracepoint"} {
+		if byName[name] == "" {
+			t.Errorf("doctor has no %q check", name)
+		}
+	}
+	for _, must := range []string{"criu", "criu-check", "nftables-lock", "cgroups", "pidns"} {
+		if byName[must] != "ok" {
+			t.Errorf("%s is %q on this host", must, byName[must])
+		}
+	}
+	// The dirty-tracking verdict must match what CRIU itself answers.
+	_, cerr := exec.Command(checkpointPath(), "check", "--feature", "mem_dirty_track").CombinedOutput()
+	want := "ok"
+	if cerr != nil {
+		want = "missing"
+	}
+	if byName["dirty-tracking"] != want {
+		t.Errorf("dirty-tracking reported %q, CRIU says %q", byName["dirty-tracking"], want)
+	}
+
+	table := h.must("doctor")
+	if !strings.Contains(table, "CHECK") || !strings.Contains(table, "dirty-tracking") || !strings.Contains(table, "verdict:") {
+		t.Errorf("doctor table:\n%s", table)
+	}
+	_, errs, code = h.run("doctor", "--criu", "/nonexistent/criu", "-o", "json")
+	out, _, _ = h.run("doctor", "--criu", "/nonexistent/criu")
+	if code != 1 || !strings.Contains(out, "make deps") {
+		t.Errorf("doctor without CRIU: exit %d, output:\n%s%s", code, out, errs)
+	}
+}

@@ -94,7 +94,7 @@ func checkTracefs() Check {
 	p, automount := tracefsPath()
 	if p == "" {
 		c.Status = Warn
-		c.Detail = "not mounted; duplexd mounts it at start (mount -t tracefs nodev /sys/kernel/tracing)"
+		c.Detail = "not mounted; tracepoint probes need it: mount -t tracefs nodev /sys/kernel/tracing (raw tracepoints work without it)"
 		return c
 	}
 	c.Status, c.Detail = OK, "mounted at "+p

@@ -1,0 +1,5 @@
+package integration
+
+import "github.com/duplex-ha/duplex/checkpoint"
+
+func checkpointPath() string { return checkpoint.FindCRIU() }
