@@ -28,7 +28,9 @@ func launch(t testing.TB, name string, args ...string) workload.Record {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rec, err := m.Run(context.Background(), workload.Spec{Name: name, Args: append([]string{prog}, args...)})
+	rec, err := m.Run(context.Background(), workload.Spec{Name: name, Args: append([]string{prog}, args...),
+		// Go listens with MPTCP by default, which CRIU cannot dump.
+		Env: []string{"PATH=/usr/bin:/bin", "GODEBUG=multipathtcp=0"}})
 	if err != nil {
 		m.Close()
 		t.Fatal(err)
@@ -189,4 +191,21 @@ func TestVersion(t *testing.T) {
 	if !v.AtLeast(3, 0) {
 		t.Errorf("implausible CRIU version %s", v)
 	}
+}
+
+// childrenOf lists this test process's children.
+func childrenOf(t *testing.T) map[int]bool {
+	t.Helper()
+	out := map[int]bool{}
+	paths, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", os.Getpid()))
+	for _, p := range paths {
+		b, _ := os.ReadFile(p)
+		for _, f := range strings.Fields(string(b)) {
+			var pid int
+			if _, err := fmt.Sscan(f, &pid); err == nil {
+				out[pid] = true
+			}
+		}
+	}
+	return out
 }

@@ -234,6 +234,8 @@ func logLevel(l int) int32 {
 //
 // CRIU runs to completion once started: cancelling ctx afterwards does not abort it,
 // because killing CRIU mid-dump could leave the tree neither running nor dumped.
+// A Restore, by contrast, is aborted when ctx ends (CRIU and the half-restored tree
+// are killed), so give it a deadline.
 func (e *Engine) Dump(ctx context.Context, o DumpOptions) (*DumpStats, error) {
 	return e.dump(ctx, o, false)
 }
@@ -270,14 +272,18 @@ func (e *Engine) dump(ctx context.Context, o DumpOptions, pre bool) (*DumpStats,
 	if err != nil {
 		return nil, fmt.Errorf("%s %d: %w", op, o.Pid, err)
 	}
-	c := criu.MakeCriu()
-	c.SetCriuPath(e.Path())
-	start := time.Now()
-	if pre {
-		err = c.PreDump(opts, o.Notify)
-	} else {
-		err = c.Dump(opts, o.Notify)
+	s, err := e.session()
+	if err != nil {
+		return nil, fmt.Errorf("%s %d: %w", op, o.Pid, err)
 	}
+	start := time.Now()
+	// Never abort a dump half-way: CRIU's parasite code may be running inside the tree.
+	err = s.do(context.WithoutCancel(ctx), o.ImagesDir, func(c *criu.Criu) error {
+		if pre {
+			return c.PreDump(opts, o.Notify)
+		}
+		return c.Dump(opts, o.Notify)
+	})
 	wall := time.Since(start)
 	if err != nil {
 		return nil, criuError(op, err, filepath.Join(o.ImagesDir, logName))
@@ -322,11 +328,16 @@ func (e *Engine) Restore(ctx context.Context, o RestoreOptions) (*RestoreResult,
 	if n.Notify == nil {
 		n.Notify = NoNotify{}
 	}
-	c := criu.MakeCriu()
-	c.SetCriuPath(e.Path())
+	s, err := e.session()
+	if err != nil {
+		return nil, fmt.Errorf("restore from %s: %w", o.ImagesDir, err)
+	}
 	start := time.Now()
-	err := c.Restore(opts, n)
+	err = s.do(ctx, o.ImagesDir, func(c *criu.Criu) error { return c.Restore(opts, n) })
 	wall := time.Since(start)
+	if ctx.Err() != nil && err != nil {
+		return nil, fmt.Errorf("restore from %s: %w", o.ImagesDir, err)
+	}
 	if err != nil {
 		return nil, criuError("restore", err, filepath.Join(o.ImagesDir, RestoreLog))
 	}

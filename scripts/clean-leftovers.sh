@@ -17,5 +17,9 @@ for root in /sys/fs/cgroup/memory /sys/fs/cgroup/unified /sys/fs/cgroup; do
 	done
 done
 pkill -9 -f '/tmp/duplex-(it|testbin)-[^ ]*/duplexd' 2>/dev/null && echo "clean: killed stray test duplexd"
+# Mounts a killed CRIU left in its work directory (its cgroup yard).
+awk '{print $5}' /proc/self/mountinfo | grep '/\.criu\.cgyard\.' | sort -r | while read -r m; do
+	umount -l "$m" && echo "clean: unmounted $m"
+done
 rm -rf /tmp/duplex-it-* /tmp/duplex-testbin-* 2>/dev/null
 exit 0

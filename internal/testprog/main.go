@@ -3,6 +3,7 @@
 //	testprog counter [interval]      print 1, 2, 3, ... one per line
 //	testprog openfile PATH           hold PATH open, then count like counter
 //	testprog hog SIZE                fill SIZE bytes (e.g. 64M) of memory, print READY, idle
+//	testprog echo                    echo every TCP connection's bytes back; print "PORT n"
 //	testprog complex DIR             a tree with threads, a pipe to a child, an open
 //	                                 file in DIR, a zombie and a listening TCP socket
 //	                                 whose port it prints as "PORT n"; each connection
@@ -63,6 +64,8 @@ func main() {
 		count(20 * time.Millisecond)
 	case "complex":
 		complexTree(os.Args[2])
+	case "echo":
+		echoServer()
 	case "hog":
 		hog(os.Args[2])
 	case "pipe-reader":
@@ -232,5 +235,23 @@ func hog(size string) {
 	for {
 		time.Sleep(time.Hour)
 		buf[0]++
+	}
+}
+
+func echoServer() {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		fatal(err)
+	}
+	fmt.Printf("PORT %d\n", ln.Addr().(*net.TCPAddr).Port)
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			fatal(err)
+		}
+		go func() {
+			defer c.Close()
+			_, _ = io.Copy(c, c)
+		}()
 	}
 }

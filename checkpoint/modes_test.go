@@ -1,0 +1,211 @@
+package checkpoint_test
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/duplex-ha/duplex/checkpoint"
+	"github.com/duplex-ha/duplex/internal/testutil"
+)
+
+// copyMissing copies the files of src that dst lacks (the images a page-server or
+// lazy dump leaves on the source) and returns their names.
+func copyMissing(t *testing.T, src, dst string) []string {
+	t.Helper()
+	ents, err := os.ReadDir(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range ents {
+		if e.IsDir() || strings.HasSuffix(e.Name(), ".log") {
+			continue
+		}
+		if _, err := os.Stat(filepath.Join(dst, e.Name())); err == nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(src, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dst, e.Name()), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		names = append(names, e.Name())
+	}
+	return names
+}
+
+func hasPages(dir string) bool {
+	m, _ := filepath.Glob(filepath.Join(dir, "pages-*.img"))
+	return len(m) > 0
+}
+
+func TestPageServerDump(t *testing.T) {
+	eng := testutil.RequiresCRIU(t)
+	rec := launch(t, "paged", "counter")
+	grows(t, rec.Stdout, "counter output")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	src, dst := t.TempDir(), t.TempDir()
+
+	ps, err := eng.StartPageServer(ctx, checkpoint.PageServerOptions{ImagesDir: dst, Address: "127.0.0.1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ps.Stop()
+	if ps.Port <= 0 {
+		t.Fatalf("page server reported port %d", ps.Port)
+	}
+	st, err := eng.Dump(ctx, checkpoint.DumpOptions{Pid: rec.Pid, ImagesDir: src, ManageCgroups: true,
+		PageServer: &checkpoint.Address{Host: "127.0.0.1", Port: ps.Port}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ps.Wait(ctx); err != nil {
+		t.Fatalf("page server did not finish after the dump: %v", err)
+	}
+	if hasPages(src) || !hasPages(dst) {
+		t.Fatalf("pages went to the wrong side: source has pages %v, destination %v", hasPages(src), hasPages(dst))
+	}
+	if st.PagesWritten == 0 {
+		t.Errorf("dump reports no pages written: %+v", st)
+	}
+	copyMissing(t, src, dst)
+	res, err := eng.Restore(ctx, checkpoint.RestoreOptions{ImagesDir: dst, ManageCgroups: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer killChild(res.Pid)
+	grows(t, rec.Stdout, "the restored counter to count")
+}
+
+func TestLazyRestoreFromImages(t *testing.T) {
+	eng := testutil.RequiresCRIU(t, checkpoint.FeatureUFFDNonCoop)
+	rec := launch(t, "lazy", "hog", "32M")
+	testutil.Eventually(t, 30*time.Second, "the hog to fill its memory", func() bool {
+		b, _ := os.ReadFile(rec.Stdout)
+		return strings.Contains(string(b), "READY")
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+	if _, err := eng.Dump(ctx, checkpoint.DumpOptions{Pid: rec.Pid, ImagesDir: dir, ManageCgroups: true}); err != nil {
+		t.Fatal(err)
+	}
+	lp, err := eng.StartLazyPages(ctx, checkpoint.LazyPagesOptions{ImagesDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lp.Stop()
+	res, err := eng.Restore(ctx, checkpoint.RestoreOptions{ImagesDir: dir, ManageCgroups: true, LazyPages: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer killChild(res.Pid)
+	// The daemon delivers the remaining pages in the background and exits.
+	if err := lp.Wait(ctx); err != nil {
+		t.Fatalf("lazy-pages daemon: %v", err)
+	}
+	if s := procState(res.Pid); s == 0 || s == 'Z' {
+		t.Fatalf("restored hog is not running (state %q)", s)
+	}
+	// 32 MiB must now be resident again in the restored copy.
+	testutil.Eventually(t, 10*time.Second, "the restored hog's memory to be resident", func() bool {
+		return rssKiB(res.Pid) >= 32*1024
+	})
+}
+
+func rssKiB(pid int) int {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		var kb int
+		if _, err := fmt.Sscanf(sc.Text(), "VmRSS: %d kB", &kb); err == nil {
+			return kb
+		}
+	}
+	return 0
+}
+
+// echoPort waits for an echo workload's port.
+func echoPort(t *testing.T, stdout string) int {
+	var port int
+	testutil.Eventually(t, 5*time.Second, "the echo server's port", func() bool {
+		b, _ := os.ReadFile(stdout)
+		_, err := fmt.Sscanf(string(b), "PORT %d", &port)
+		return err == nil
+	})
+	return port
+}
+
+func roundTrip(t *testing.T, c net.Conn, msg string) {
+	t.Helper()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(c, msg); err != nil {
+		t.Fatalf("write %q: %v", msg, err)
+	}
+	buf := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, buf); err != nil {
+		t.Fatalf("read back %q: %v", msg, err)
+	}
+	if string(buf) != msg {
+		t.Fatalf("echo %q, want %q", buf, msg)
+	}
+}
+
+func TestEstablishedTCPConnection(t *testing.T) {
+	eng := testutil.RequiresCRIU(t, checkpoint.FeatureNFTablesLock)
+	rec := launch(t, "echo", "echo")
+	port := echoPort(t, rec.Stdout)
+	c, err := net.Dial("tcp4", fmt.Sprintf("127.0.0.1:%d", port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	roundTrip(t, c, "before")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+
+	// Without --tcp-established a tree with a connected socket cannot be dumped,
+	// and CRIU leaves it running.
+	_, err = eng.Dump(ctx, checkpoint.DumpOptions{Pid: rec.Pid, ImagesDir: t.TempDir(), ManageCgroups: true})
+	if err == nil {
+		t.Fatal("dump of an established connection succeeded without TCPEstablished")
+	}
+	if !strings.Contains(err.Error(), "established") {
+		t.Errorf("error does not say why: %v", err)
+	}
+	roundTrip(t, c, "still-there")
+
+	dir := t.TempDir()
+	_, err = eng.Dump(ctx, checkpoint.DumpOptions{Pid: rec.Pid, ImagesDir: dir, ManageCgroups: true,
+		TCPEstablished: true, NetworkLock: checkpoint.LockNFTables})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := eng.Restore(ctx, checkpoint.RestoreOptions{ImagesDir: dir, ManageCgroups: true,
+		TCPEstablished: true, NetworkLock: checkpoint.LockNFTables})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer killChild(res.Pid)
+	// The same client connection works against the restored server: no reset.
+	roundTrip(t, c, "after-restore")
+	if out, err := exec.Command("nft", "list", "tables").CombinedOutput(); err == nil && strings.Contains(string(out), "CRIU") {
+		t.Errorf("CRIU's network-lock table left behind:\n%s", out)
+	}
+}
