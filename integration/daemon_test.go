@@ -388,3 +388,68 @@ func TestDoctor(t *testing.T) {
 		t.Errorf("doctor without CRIU: exit %d, output:\n%s%s", code, out, errs)
 	}
 }
+
+func TestLogsFollowEndsWithWorkload(t *testing.T) {
+	h := newHost(t)
+	h.must("run", "talker", "--", "sh", "-c", "for i in 1 2 3 4 5; do echo line$i; echo err$i >&2; sleep 0.1; done")
+	start := time.Now()
+	out := h.must("logs", "-f", "--stream", "stdout", "talker")
+	if time.Since(start) > 10*time.Second {
+		t.Errorf("logs -f did not end with the workload")
+	}
+	if !strings.Contains(out, "line1") || !strings.Contains(out, "line5") || strings.Contains(out, "err1") {
+		t.Errorf("logs -f --stream stdout printed:\n%s", out)
+	}
+	if errs := h.must("logs", "--stream", "stderr", "talker"); !strings.Contains(errs, "err5") || strings.Contains(errs, "line") {
+		t.Errorf("logs --stream stderr printed:\n%s", errs)
+	}
+	h.fails("stream", "logs", "--stream", "bogus", "talker")
+}
+
+func TestConfigFile(t *testing.T) {
+	testutil.RequiresRoot(t)
+	bin := testutil.Build(t, "./cmd/duplexd")
+	dir := t.TempDir()
+	bad := filepath.Join(dir, "bad.yaml")
+	if err := os.WriteFile(bad, []byte("state_dir: /tmp/x\nbogus_key: 1\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(bin, "--config", bad).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "bogus_key") {
+		t.Errorf("config with an unknown key: %v\n%s", err, out)
+	}
+	out, err = exec.Command(bin, "--config", filepath.Join(dir, "missing.yaml")).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "missing.yaml") {
+		t.Errorf("missing config file: %v\n%s", err, out)
+	}
+	out, err = exec.Command(bin, "--config", "/dev/null", "--log-format", "xml").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "--log-format") {
+		t.Errorf("bad log format: %v\n%s", err, out)
+	}
+
+	// A good file is used; a flag given on the command line wins over it.
+	sock := filepath.Join(dir, "from-config.sock")
+	good := filepath.Join(dir, "good.yaml")
+	cfg := fmt.Sprintf("state_dir: %s\nsocket: %s\ncgroup_parent: %s\nlog_format: json\n", filepath.Join(dir, "state"), sock, testutil.CgroupParent(t))
+	if err := os.WriteFile(good, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var logs bytes.Buffer
+	d := exec.Command(bin, "--config", good, "--log-level", "debug")
+	d.Stderr = &logs
+	if err := d.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = d.Process.Signal(syscall.SIGTERM); _ = d.Wait() }()
+	testutil.Eventually(t, 10*time.Second, "the socket from the config file", func() bool {
+		_, err := os.Stat(sock)
+		return err == nil
+	})
+	_ = d.Process.Signal(syscall.SIGTERM)
+	_ = d.Wait()
+	var first map[string]any
+	line, _, _ := strings.Cut(logs.String(), "\n")
+	if err := json.Unmarshal([]byte(line), &first); err != nil {
+		t.Errorf("log_format: json from the file not applied: %q", line)
+	}
+}

@@ -235,3 +235,29 @@ func TestAdoptAfterRestart(t *testing.T) {
 		t.Errorf("adopted workload %d survived stop", rec.Pid)
 	}
 }
+
+func TestMemoryLimit(t *testing.T) {
+	testutil.RequiresRoot(t)
+	parent := testutil.CgroupParent(t)
+	m := newManager(t, t.TempDir(), parent, nil)
+	stopAll(t, m)
+	if _, err := m.Run(context.Background(), workload.Spec{Name: "capped", Args: []string{"sleep", "300"}, MemoryLimit: 64 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	var limit string
+	for _, f := range []string{
+		filepath.Join("/sys/fs/cgroup/memory", parent, "capped", "memory.limit_in_bytes"),
+		filepath.Join("/sys/fs/cgroup", parent, "capped", "memory.max"),
+	} {
+		if b, err := os.ReadFile(f); err == nil {
+			limit = strings.TrimSpace(string(b))
+			break
+		}
+	}
+	if limit != fmt.Sprint(64<<20) {
+		t.Errorf("memory limit in the workload's cgroup is %q, want %d", limit, 64<<20)
+	}
+	if _, err := m.Run(context.Background(), workload.Spec{Name: "neg", Args: []string{"true"}, MemoryLimit: -1}); !errors.Is(err, workload.ErrInvalid) {
+		t.Errorf("negative memory limit: %v, want ErrInvalid", err)
+	}
+}
