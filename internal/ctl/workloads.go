@@ -146,8 +146,8 @@ func (a *app) stopCmd() *cobra.Command {
 		Use:   "stop NAME...",
 		Short: "Stop workloads (SIGTERM, then SIGKILL after --timeout)",
 		Long: `Stop workloads. The root of each gets SIGTERM, then SIGKILL after --timeout.
-A PID-namespace init ignores signals it installed no handler for, so most
-workloads end at the SIGKILL.`,
+A PID-namespace init ignores signals it installed no handler for, so a root
+that does not handle SIGTERM gets SIGKILL at once.`,
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var out []workload.Record

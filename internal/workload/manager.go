@@ -372,7 +372,8 @@ func (m *Manager) release(e *entry) {
 }
 
 // Stop ends a workload: SIGTERM to its root, SIGKILL after grace. A PID-namespace
-// init ignores signals it has no handler for, so SIGKILL is the usual end.
+// init ignores signals it has no handler for, so a root that catches no SIGTERM gets
+// SIGKILL at once.
 func (m *Manager) Stop(ctx context.Context, name string, grace time.Duration) (Record, error) {
 	e, err := m.acquire(name, "stop", Running, Frozen)
 	if err != nil {
@@ -382,6 +383,13 @@ func (m *Manager) Stop(ctx context.Context, name string, grace time.Duration) (R
 	fd, done := e.pidfd, e.done
 	m.mu.Unlock()
 
+	m.mu.Lock()
+	pid := e.rec.Pid
+	m.mu.Unlock()
+	if !catches(pid, unix.SIGTERM) {
+		// A namespace init without a SIGTERM handler would ignore it: no point waiting.
+		grace = 0
+	}
 	_ = unix.PidfdSendSignal(fd, unix.SIGTERM, nil, 0)
 	_ = unix.PidfdSendSignal(fd, unix.SIGCONT, nil, 0)
 	t := time.NewTimer(grace)

@@ -261,3 +261,38 @@ func TestMemoryLimit(t *testing.T) {
 		t.Errorf("negative memory limit: %v, want ErrInvalid", err)
 	}
 }
+
+// A root that handles SIGTERM gets the grace period and exits by itself; one that
+// does not (a shell as namespace init ignores it) is killed at once.
+func TestStopHonoursHandlers(t *testing.T) {
+	testutil.RequiresRoot(t)
+	m := newManager(t, t.TempDir(), testutil.CgroupParent(t), nil)
+	stopAll(t, m)
+	ctx := context.Background()
+	if _, err := m.Run(ctx, workload.Spec{Name: "polite", Args: []string{"sh", "-c", "trap 'echo bye; exit 3' TERM; while :; do sleep 0.05; done"}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Run(ctx, workload.Spec{Name: "deaf", Args: []string{"sh", "-c", "while :; do sleep 0.05; done"}}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond) // let the shell install its trap
+
+	start := time.Now()
+	r, err := m.Stop(ctx, "deaf", time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("stopping a root without a SIGTERM handler took %s", took)
+	}
+	if r.ExitCode == nil || *r.ExitCode != 128+9 {
+		t.Errorf("deaf exit code %v, want SIGKILL (137)", r.ExitCode)
+	}
+	r, err = m.Stop(ctx, "polite", time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.ExitCode == nil || *r.ExitCode != 3 {
+		t.Errorf("polite exit code %v, want 3 from its own TERM handler", r.ExitCode)
+	}
+}

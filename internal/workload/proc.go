@@ -1,10 +1,13 @@
 package workload
 
 import (
+	"bufio"
 	"fmt"
 	"os"
 	"strconv"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // procStat returns a process's state letter, parent PID and start time (clock ticks
@@ -33,4 +36,25 @@ func procStat(pid int) (state byte, ppid int, start uint64, err error) {
 func alive(pid int, tick uint64) bool {
 	st, _, start, err := procStat(pid)
 	return err == nil && start == tick && st != 'Z' && st != 'X'
+}
+
+// catches reports whether pid has a handler installed for sig (SigCgt in
+// /proc/PID/status). When unsure it says yes, so that a stop still waits.
+func catches(pid int, sig unix.Signal) bool {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return true
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "SigCgt:"); ok {
+			mask, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+			if err != nil {
+				return true
+			}
+			return mask&(1<<(uint(sig)-1)) != 0
+		}
+	}
+	return true
 }
