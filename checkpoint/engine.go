@@ -132,6 +132,10 @@ type DumpStats struct {
 	PagesLazy          uint64
 
 	Wall time.Duration // wall time of the whole CRIU call
+
+	// LockTable is the nftables table CRIU locked the network with ("" if none).
+	// After a LeaveStopped dump it stays until Rollback or Discard removes it.
+	LockTable string
 }
 
 // RestoreOptions describes one restore.
@@ -290,9 +294,12 @@ func (e *Engine) dump(ctx context.Context, o DumpOptions, pre bool) (*DumpStats,
 	}
 	st, err := readDumpStats(o.ImagesDir)
 	if err != nil {
-		return &DumpStats{Wall: wall}, nil //nolint:nilerr // stats are best effort
+		st = &DumpStats{} // stats are best effort
 	}
 	st.Wall = wall
+	if o.TCPEstablished && o.NetworkLock == LockNFTables {
+		st.LockTable = lockTable(filepath.Join(o.ImagesDir, logName))
+	}
 	return st, nil
 }
 

@@ -209,3 +209,79 @@ func TestEstablishedTCPConnection(t *testing.T) {
 		t.Errorf("CRIU's network-lock table left behind:\n%s", out)
 	}
 }
+
+// lockTables lists CRIU's network-lock tables in this network namespace.
+func lockTables(t *testing.T) string {
+	out, err := exec.Command("nft", "list", "tables").CombinedOutput()
+	if err != nil {
+		t.Fatalf("nft list tables: %v\n%s", err, out)
+	}
+	var names []string
+	for _, l := range strings.Split(string(out), "\n") {
+		if strings.Contains(l, "CRIU-") {
+			names = append(names, strings.TrimSpace(l))
+		}
+	}
+	return strings.Join(names, ", ")
+}
+
+// After a dump that froze a tree with an established connection, rolling back
+// gives the client its connection back: no reset, no lock left.
+func TestRollbackKeepsEstablishedConnection(t *testing.T) {
+	eng := testutil.RequiresCRIU(t, checkpoint.FeatureNFTablesLock)
+	rec := launch(t, "echo", "echo")
+	c, err := net.Dial("tcp4", fmt.Sprintf("127.0.0.1:%d", echoPort(t, rec.Stdout)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	roundTrip(t, c, "before")
+	st, err := eng.Dump(context.Background(), checkpoint.DumpOptions{Pid: rec.Pid, ImagesDir: t.TempDir(), ManageCgroups: true,
+		TCPEstablished: true, NetworkLock: checkpoint.LockNFTables, LeaveStopped: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.LockTable == "" || !strings.Contains(lockTables(t), st.LockTable) {
+		t.Fatalf("lock table %q not found among %q", st.LockTable, lockTables(t))
+	}
+	if err := checkpoint.Rollback(rec.Pid, st.LockTable); err != nil {
+		t.Fatal(err)
+	}
+	if left := lockTables(t); left != "" {
+		t.Errorf("network lock left after rollback: %s", left)
+	}
+	roundTrip(t, c, "after-rollback")
+	roundTrip(t, c, strings.Repeat("x", 100000))
+}
+
+// Discard ends the frozen source after its copy took over and removes its lock.
+func TestDiscardAfterRestore(t *testing.T) {
+	eng := testutil.RequiresCRIU(t, checkpoint.FeatureNFTablesLock)
+	rec := launch(t, "echo", "echo")
+	c, err := net.Dial("tcp4", fmt.Sprintf("127.0.0.1:%d", echoPort(t, rec.Stdout)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	roundTrip(t, c, "before")
+	dir := t.TempDir()
+	st, err := eng.Dump(context.Background(), checkpoint.DumpOptions{Pid: rec.Pid, ImagesDir: dir, ManageCgroups: true,
+		TCPEstablished: true, NetworkLock: checkpoint.LockNFTables, LeaveStopped: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The source must go before its copy can own the same connection on this host.
+	if err := checkpoint.Discard(rec.Pid, st.LockTable); err != nil {
+		t.Fatal(err)
+	}
+	res, err := eng.Restore(context.Background(), checkpoint.RestoreOptions{ImagesDir: dir, ManageCgroups: true,
+		TCPEstablished: true, NetworkLock: checkpoint.LockNFTables})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer killChild(res.Pid)
+	roundTrip(t, c, "after-restore")
+	if left := lockTables(t); left != "" {
+		t.Errorf("network lock left: %s", left)
+	}
+}

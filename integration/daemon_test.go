@@ -453,3 +453,23 @@ func TestConfigFile(t *testing.T) {
 		t.Errorf("log_format: json from the file not applied: %q", line)
 	}
 }
+
+func TestCheckpointLeaveStoppedThenResume(t *testing.T) {
+	testutil.RequiresCRIU(t)
+	h := newHost(t)
+	h.must("run", "pausable", "--", "sh", "-c", "i=0; while :; do i=$((i+1)); echo $i; sleep 0.02; done")
+	testutil.Eventually(t, 5*time.Second, "output", func() bool { return len(numbers(h.must("logs", "pausable"))) > 5 })
+	h.must("checkpoint", "pausable", "--leave-stopped", "--dir", filepath.Join(h.dir, "img"))
+	if r := h.record("pausable"); r.State != workload.Frozen {
+		t.Fatalf("after --leave-stopped: %s", r.State)
+	}
+	n := len(numbers(h.must("logs", "pausable")))
+	time.Sleep(200 * time.Millisecond)
+	if m := len(numbers(h.must("logs", "pausable"))); m != n {
+		t.Errorf("frozen workload kept printing (%d -> %d lines)", n, m)
+	}
+	h.fails("workload is not running", "checkpoint", "pausable", "--dir", filepath.Join(h.dir, "img2"))
+	h.must("resume", "pausable")
+	testutil.Eventually(t, 5*time.Second, "output after resume", func() bool { return len(numbers(h.must("logs", "pausable"))) > n+5 })
+	h.fails("workload is not running", "resume", "pausable")
+}

@@ -105,6 +105,9 @@ func (m *Manager) Checkpoint(ctx context.Context, name string, opts CheckpointOp
 	case opts.LeaveRunning:
 		settle("")
 	case opts.LeaveStopped:
+		m.mu.Lock()
+		e.rec.LockTable = st.LockTable
+		m.mu.Unlock()
 		settle(Frozen)
 	default:
 		// CRIU killed the tree; wait briefly for the watcher to see it go.
@@ -121,7 +124,8 @@ func (m *Manager) Checkpoint(ctx context.Context, name string, opts CheckpointOp
 	return st, nil
 }
 
-// Resume continues a workload that a dump left frozen (the rollback of a migration).
+// Resume continues a workload that a dump left frozen (the rollback of a migration):
+// its connections leave repair mode, its network lock goes, its tasks continue.
 func (m *Manager) Resume(name string) (Record, error) {
 	e, err := m.acquire(name, "resume", Frozen)
 	if err != nil {
@@ -130,11 +134,12 @@ func (m *Manager) Resume(name string) (Record, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	defer m.release(e)
-	if err := checkpoint.Resume(e.rec.Pid); err != nil {
+	if err := checkpoint.Rollback(e.rec.Pid, e.rec.LockTable); err != nil {
 		return e.rec, fmt.Errorf("resume %s: %w", name, err)
 	}
 	e.rec.State = Running
 	e.rec.Message = ""
+	e.rec.LockTable = ""
 	_ = m.save(&e.rec)
 	return e.rec, nil
 }

@@ -55,6 +55,8 @@ type Record struct {
 	ExitCode  *int      `json:"exit_code,omitempty"` // nil when unknown
 	Restores  int       `json:"restores,omitempty"`  // times restored from a checkpoint
 	Message   string    `json:"message,omitempty"`   // why it is in its state, when notable
+	// LockTable is the network lock a dump left on a frozen workload ("" if none).
+	LockTable string `json:"lock_table,omitempty"`
 }
 
 var nameRe = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$`)
