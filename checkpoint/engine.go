@@ -65,6 +65,9 @@ type TLS struct {
 	CACert string
 	Cert   string
 	Key    string
+	// NoCNVerify skips matching the server certificate's common name against the
+	// address dialled (the chain is still verified against CACert).
+	NoCNVerify bool
 }
 
 // Engine runs CRIU operations. Its zero value uses FindCRIU's binary.
@@ -223,6 +226,9 @@ func (t *TLS) apply(opts *rpc.CriuOpts) {
 	opts.TlsCacert = proto.String(t.CACert)
 	opts.TlsCert = proto.String(t.Cert)
 	opts.TlsKey = proto.String(t.Key)
+	if t.NoCNVerify {
+		opts.TlsNoCnVerify = proto.Bool(true)
+	}
 }
 
 func logLevel(l int) int32 {

@@ -3,6 +3,7 @@ package workload
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -33,6 +34,10 @@ type CheckpointOptions struct {
 	LeaveStopped   bool // keep it frozen (state Frozen) so it can be resumed or restored elsewhere
 	TCPEstablished bool
 	NetworkLock    checkpoint.NetworkLock
+	// PageServer sends the memory pages to a page server (a migration's
+	// destination) instead of Dir; TLS encrypts them.
+	PageServer *checkpoint.Address
+	TLS        *checkpoint.TLS
 }
 
 // Checkpoint dumps a running workload into opts.Dir. Unless told to leave it running
@@ -95,6 +100,8 @@ func (m *Manager) Checkpoint(ctx context.Context, name string, opts CheckpointOp
 		NetworkLock:    opts.NetworkLock,
 		ManageCgroups:  true,
 		FileLocks:      true,
+		PageServer:     opts.PageServer,
+		TLS:            opts.TLS,
 	})
 	if err != nil {
 		_ = os.Remove(filepath.Join(dir, MetaFile))
@@ -144,10 +151,59 @@ func (m *Manager) Resume(name string) (Record, error) {
 	return e.rec, nil
 }
 
+// Discard ends a frozen workload whose copy now runs on another host, and records
+// where it went. Its service addresses are left alone: the migration moved them.
+func (m *Manager) Discard(name, to string) (Record, error) {
+	e, err := m.acquire(name, "discard", Frozen)
+	if err != nil {
+		return Record{}, err
+	}
+	m.mu.Lock()
+	pid, lock, done := e.rec.Pid, e.rec.LockTable, e.done
+	m.mu.Unlock()
+	derr := checkpoint.Discard(pid, lock)
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	e.rec.LockTable = ""
+	m.finish(e, Migrated, "migrated to "+to)
+	e.busy = ""
+	if derr != nil {
+		return e.rec, fmt.Errorf("discard %s: %w", name, derr)
+	}
+	return e.rec, nil
+}
+
+// Abandon kills a workload and forgets it, as if it never ran here: the undo of a
+// restore whose migration did not commit. Its service addresses go down.
+func (m *Manager) Abandon(name string) error {
+	m.mu.Lock()
+	e, ok := m.w[name]
+	m.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	if _, err := m.Stop(context.Background(), name, 0); err != nil && !errors.Is(err, ErrNotRunning) {
+		return fmt.Errorf("abandon %s: %w", name, err)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.w[name] == e {
+		delete(m.w, name)
+	}
+	return os.RemoveAll(m.dir(name))
+}
+
 // RestoreOptions describes a restore of a checkpointed workload.
 type RestoreOptions struct {
 	Dir  string
 	Name string // restore under this name instead of the checkpointed one
+	// BeforeRestore runs after the images were read and before CRIU starts: the
+	// place to bring the workload's service addresses up so its sockets can bind.
+	BeforeRestore func(rec Record) error
 }
 
 // Restore brings back the workload checkpointed in opts.Dir and adopts it. A
@@ -196,6 +252,12 @@ func (m *Manager) Restore(ctx context.Context, opts RestoreOptions) (Record, *ch
 			m.w[rec.Name] = old
 		} else {
 			delete(m.w, rec.Name)
+		}
+	}
+	if opts.BeforeRestore != nil {
+		if err := opts.BeforeRestore(rec); err != nil {
+			undo()
+			return Record{}, nil, fmt.Errorf("restore %s: %w", rec.Name, err)
 		}
 	}
 	lock := checkpoint.LockDefault

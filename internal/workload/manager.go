@@ -26,6 +26,16 @@ type Checkpointer interface {
 	Restore(ctx context.Context, o checkpoint.RestoreOptions) (*checkpoint.RestoreResult, error)
 }
 
+// VIPController brings service addresses up and down on this host.
+type VIPController interface {
+	// Up adds the address (idempotent) and tells the network it lives here.
+	Up(ctx context.Context, vip string) error
+	// Down removes the address (idempotent).
+	Down(ctx context.Context, vip string) error
+	// Check validates an address without touching the host.
+	Check(vip string) error
+}
+
 // Config configures a Manager.
 type Config struct {
 	// StateDir holds one directory per workload (record and logs).
@@ -34,7 +44,9 @@ type Config struct {
 	CgroupParent string
 	// Checkpointer dumps and restores; nil disables Checkpoint and Restore.
 	Checkpointer Checkpointer
-	Log          *logrus.Entry
+	// VIPs manages service addresses; nil refuses workloads that declare any.
+	VIPs VIPController
+	Log  *logrus.Entry
 }
 
 // Manager runs, tracks and adopts workloads. It is safe for concurrent use.
@@ -229,6 +241,9 @@ func (m *Manager) Run(ctx context.Context, spec Spec) (Record, error) {
 	if err := ctx.Err(); err != nil {
 		return Record{}, err
 	}
+	if err := m.checkVIPs(spec); err != nil {
+		return Record{}, err
+	}
 	m.mu.Lock()
 	if old, ok := m.w[spec.Name]; ok {
 		m.mu.Unlock()
@@ -238,7 +253,15 @@ func (m *Manager) Run(ctx context.Context, spec Spec) (Record, error) {
 	m.w[spec.Name] = e
 	m.mu.Unlock()
 
-	rec, fd, err := m.start(spec)
+	err := m.vipsUp(ctx, spec.VIPs)
+	var rec Record
+	var fd int
+	if err == nil {
+		rec, fd, err = m.start(spec)
+		if err != nil {
+			m.vipsDown(spec.VIPs)
+		}
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if err != nil {
@@ -328,6 +351,9 @@ func (m *Manager) finish(e *entry, st State, msg string) {
 		e.pidfd = 0
 	}
 	closeOnce(e.done)
+	if st != Migrated {
+		m.vipsDown(e.rec.VIPs)
+	}
 	if err := m.cg.remove(e.rec.Cgroup); err != nil {
 		m.log.WithError(err).WithField("workload", e.rec.Name).Warn("removing workload cgroup")
 	}
@@ -449,3 +475,38 @@ func (m *Manager) Remove(name string) error {
 
 // Cleanup removes the shared cgroup parent once no workload is left in it.
 func (m *Manager) Cleanup() { m.cg.removeParent(m.cfg.CgroupParent) }
+
+// checkVIPs validates a spec's service addresses.
+func (m *Manager) checkVIPs(spec Spec) error {
+	if len(spec.VIPs) == 0 {
+		return nil
+	}
+	if m.cfg.VIPs == nil {
+		return fmt.Errorf("%w: %s: service addresses are not supported by this daemon", ErrInvalid, spec.Name)
+	}
+	for _, v := range spec.VIPs {
+		if err := m.cfg.VIPs.Check(v); err != nil {
+			return fmt.Errorf("%w: %s: %w", ErrInvalid, spec.Name, err)
+		}
+	}
+	return nil
+}
+
+// vipsUp brings every address up; on failure it takes down those it brought up.
+func (m *Manager) vipsUp(ctx context.Context, vips []string) error {
+	for i, v := range vips {
+		if err := m.cfg.VIPs.Up(ctx, v); err != nil {
+			m.vipsDown(vips[:i])
+			return fmt.Errorf("service address %s: %w", v, err)
+		}
+	}
+	return nil
+}
+
+func (m *Manager) vipsDown(vips []string) {
+	for _, v := range vips {
+		if err := m.cfg.VIPs.Down(context.Background(), v); err != nil {
+			m.log.WithError(err).WithField("vip", v).Warn("removing service address")
+		}
+	}
+}

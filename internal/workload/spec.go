@@ -26,6 +26,10 @@ type Spec struct {
 	Cwd  string   `json:"cwd,omitempty"` // empty means /
 	// MemoryLimit caps the workload's memory in bytes (cgroup); 0 means no limit.
 	MemoryLimit int64 `json:"memory_limit,omitempty"`
+	// VIPs are the service addresses the workload serves on, "ADDR/PREFIX@LINK"
+	// (e.g. 10.0.0.100/24@eth0). duplexd brings them up on this host before the
+	// workload starts and moves them with it.
+	VIPs []string `json:"vips,omitempty"`
 }
 
 // State is where a workload is in its life.
@@ -38,6 +42,7 @@ const (
 	Exited       State = "exited"       // its root exited by itself
 	Checkpointed State = "checkpointed" // dumped and gone from this host
 	Lost         State = "lost"         // gone while the daemon was away
+	Migrated     State = "migrated"     // moved to another host
 )
 
 // Record is everything duplexd knows about one workload; it is saved as JSON.
