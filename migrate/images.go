@@ -148,7 +148,14 @@ func ReadImages(r io.Reader, dir string, lim Limits) (files int, total int64, er
 			return files, total, bad("entry %q is %d bytes, limit %d", hdr.Name, hdr.Size, lim.MaxFile)
 		}
 		if hdr.Name == manifestName {
-			return files, total, checkManifest(tr, hdr.Size, got)
+			if err := checkManifest(tr, hdr.Size, got); err != nil {
+				return files, total, err
+			}
+			// The manifest is the last entry: read the end of the archive.
+			if _, err := tr.Next(); err != io.EOF {
+				return files, total, bad("entries after the manifest")
+			}
+			return files, total, nil
 		}
 		if files++; files > lim.MaxFiles {
 			return files, total, bad("more than %d files", lim.MaxFiles)

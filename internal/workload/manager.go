@@ -28,10 +28,13 @@ type Checkpointer interface {
 
 // VIPController brings service addresses up and down on this host.
 type VIPController interface {
-	// Up adds the address (idempotent) and tells the network it lives here.
-	Up(ctx context.Context, vip string) error
-	// Down removes the address (idempotent).
-	Down(ctx context.Context, vip string) error
+	// Add puts the address on this host (idempotent); it tells no one.
+	Add(ctx context.Context, vip string) error
+	// Announce tells the network the address now lives here (gratuitous ARP or
+	// unsolicited neighbour advertisements).
+	Announce(ctx context.Context, vip string) error
+	// Remove takes the address off this host (idempotent).
+	Remove(ctx context.Context, vip string) error
 	// Check validates an address without touching the host.
 	Check(vip string) error
 }
@@ -492,20 +495,34 @@ func (m *Manager) checkVIPs(spec Spec) error {
 	return nil
 }
 
-// vipsUp brings every address up; on failure it takes down those it brought up.
+// vipsUp adds and announces every address; on failure it removes those it added.
 func (m *Manager) vipsUp(ctx context.Context, vips []string) error {
+	if len(vips) == 0 {
+		return nil
+	}
+	if m.cfg.VIPs == nil {
+		return errors.New("service addresses are not supported by this daemon")
+	}
 	for i, v := range vips {
-		if err := m.cfg.VIPs.Up(ctx, v); err != nil {
+		if err := m.cfg.VIPs.Add(ctx, v); err != nil {
 			m.vipsDown(vips[:i])
 			return fmt.Errorf("service address %s: %w", v, err)
+		}
+	}
+	for _, v := range vips {
+		if err := m.cfg.VIPs.Announce(ctx, v); err != nil {
+			m.log.WithError(err).WithField("vip", v).Warn("announcing service address")
 		}
 	}
 	return nil
 }
 
 func (m *Manager) vipsDown(vips []string) {
+	if m.cfg.VIPs == nil {
+		return
+	}
 	for _, v := range vips {
-		if err := m.cfg.VIPs.Down(context.Background(), v); err != nil {
+		if err := m.cfg.VIPs.Remove(context.Background(), v); err != nil {
 			m.log.WithError(err).WithField("vip", v).Warn("removing service address")
 		}
 	}

@@ -1,0 +1,295 @@
+package migrate_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/duplex-ha/duplex/checkpoint"
+	"github.com/duplex-ha/duplex/internal/testutil"
+	"github.com/duplex-ha/duplex/internal/workload"
+	"github.com/duplex-ha/duplex/migrate"
+)
+
+func TestMain(m *testing.M) { os.Exit(testutil.Main(m)) }
+
+// vipLog is a VIP controller that records what each host did, in order.
+type vipLog struct {
+	mu     *sync.Mutex
+	host   string
+	events *[]string
+}
+
+func (v vipLog) rec(op, vip string) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	*v.events = append(*v.events, v.host+" "+op+" "+vip)
+	return nil
+}
+func (v vipLog) Add(_ context.Context, vip string) error      { return v.rec("add", vip) }
+func (v vipLog) Announce(_ context.Context, vip string) error { return v.rec("announce", vip) }
+func (v vipLog) Remove(_ context.Context, vip string) error   { return v.rec("remove", vip) }
+func (v vipLog) Check(vip string) error {
+	if !strings.Contains(vip, "@") {
+		return fmt.Errorf("bad vip %q", vip)
+	}
+	return nil
+}
+
+// pair is a source host and a destination host on this kernel, in one process.
+type pair struct {
+	src    *migrate.Source
+	dst    *migrate.Target
+	a, b   *workload.Manager
+	events []string
+	prog   string
+}
+
+func newPair(t *testing.T) *pair {
+	t.Helper()
+	eng := testutil.RequiresCRIU(t)
+	p := &pair{prog: testutil.Build(t, "./internal/testprog")}
+	mu := &sync.Mutex{}
+	parent := testutil.CgroupParent(t)
+	mk := func(host string) (*workload.Manager, vipLog) {
+		v := vipLog{mu: mu, host: host, events: &p.events}
+		m, err := workload.New(workload.Config{StateDir: t.TempDir(), CgroupParent: parent, Checkpointer: eng, VIPs: v, Log: testutil.Logger(t).WithField("host", host)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			for _, r := range m.List() {
+				if r.State == workload.Running || r.State == workload.Frozen {
+					_, _ = m.Stop(context.Background(), r.Name, 0)
+				}
+			}
+			m.Close()
+		})
+		return m, v
+	}
+	var va, vb vipLog
+	p.a, va = mk("a")
+	p.b, vb = mk("b")
+	caps := func(host string) func(context.Context) (migrate.Capabilities, error) {
+		return func(ctx context.Context) (migrate.Capabilities, error) { return migrate.HostCapabilities(ctx, host, eng) }
+	}
+	p.src = &migrate.Source{Host: "a", WorkDir: t.TempDir(), Workloads: p.a, VIPs: va, Caps: caps("a"), Log: testutil.Logger(t).WithField("host", "a")}
+	p.dst = &migrate.Target{Host: "b", Addr: "127.0.0.1", WorkDir: t.TempDir(), Engine: eng, Workloads: p.b, VIPs: vb, Caps: caps("b"), Log: testutil.Logger(t).WithField("host", "b")}
+	return p
+}
+
+func (p *pair) run(t *testing.T, name string, args ...string) workload.Record {
+	t.Helper()
+	rec, err := p.a.Run(context.Background(), workload.Spec{Name: name, Args: append([]string{p.prog}, args...),
+		Env: []string{"PATH=/usr/bin:/bin", "GODEBUG=multipathtcp=0"}, VIPs: []string{"10.99.0.1/24@eth0"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rec
+}
+
+func lines(t *testing.T, path string) int {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Count(string(b), "\n")
+}
+
+func growing(t *testing.T, path, what string) {
+	t.Helper()
+	n := lines(t, path)
+	testutil.Eventually(t, 5*time.Second, what, func() bool { return lines(t, path) > n+3 })
+}
+
+func alive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	return err == nil && !strings.Contains(string(b), ") Z ")
+}
+
+// liveCopies counts the running (not frozen, not dead) copies of a workload across both hosts.
+func (p *pair) liveCopies(name string) int {
+	n := 0
+	for _, m := range []*workload.Manager{p.a, p.b} {
+		if r, err := m.Get(name); err == nil && r.State == workload.Running && alive(r.Pid) {
+			n++
+		}
+	}
+	return n
+}
+
+func TestMigrateStopAndCopy(t *testing.T) {
+	p := newPair(t)
+	rec := p.run(t, "counter", "counter")
+	growing(t, rec.Stdout, "counting on a")
+	var phases []string
+	res, err := p.src.Migrate(context.Background(), p.dst, migrate.Request{Workload: "counter", To: "b", Strategy: migrate.StopCopy},
+		func(pr migrate.Progress) { phases = append(phases, pr.Phase) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("result: %+v", res)
+	if res.Strategy != migrate.StopCopy || res.FrozenMS <= 0 || res.DowntimeMS < res.FrozenMS || res.PageBytes == 0 || res.ImageBytes == 0 {
+		t.Errorf("implausible result %+v", res)
+	}
+	want := []string{migrate.PhasePreflight, migrate.PhaseFreeze, migrate.PhaseImages, migrate.PhaseRestore, migrate.PhaseCommit, migrate.PhaseDone}
+	if strings.Join(phases, ",") != strings.Join(want, ",") {
+		t.Errorf("phases %v, want %v", phases, want)
+	}
+	a, _ := p.a.Get("counter")
+	b, err := p.b.Get("counter")
+	if err != nil || a.State != workload.Migrated || b.State != workload.Running || alive(rec.Pid) {
+		t.Fatalf("after migration: a %s (pid %d alive %v), b %s %v", a.State, rec.Pid, alive(rec.Pid), b.State, err)
+	}
+	growing(t, rec.Stdout, "counting on b")
+	// The address left a before b took it, and b announced it only after the restore.
+	ev := strings.Join(p.events, "; ")
+	if !strings.Contains(ev, "a remove 10.99.0.1/24@eth0; b add 10.99.0.1/24@eth0; b announce 10.99.0.1/24@eth0") {
+		t.Errorf("VIP order: %s", ev)
+	}
+	if p.liveCopies("counter") != 1 {
+		t.Errorf("%d live copies", p.liveCopies("counter"))
+	}
+}
+
+// faulty wraps a Destination and injects failures.
+type faulty struct {
+	migrate.Destination
+	beforeRestore func()
+	failImages    bool
+	loseAnswer    bool // restore happens, its answer is "lost"
+	failAbort     bool
+}
+
+func (f *faulty) SendImages(ctx context.Context, id string, r io.Reader) (migrate.Received, error) {
+	if f.failImages {
+		// Read a little, then "die" mid-transfer.
+		_, _ = io.CopyN(io.Discard, r, 512)
+		return migrate.Received{}, errors.New("connection reset by peer")
+	}
+	return f.Destination.SendImages(ctx, id, r)
+}
+
+func (f *faulty) Restore(ctx context.Context, id string) (migrate.RestoreResponse, error) {
+	if f.beforeRestore != nil {
+		f.beforeRestore()
+	}
+	r, err := f.Destination.Restore(ctx, id)
+	if err == nil && f.loseAnswer {
+		return migrate.RestoreResponse{}, errors.New("read: connection timed out")
+	}
+	return r, err
+}
+
+func (f *faulty) Abort(ctx context.Context, id string) error {
+	if f.failAbort {
+		return errors.New("no route to host")
+	}
+	return f.Destination.Abort(ctx, id)
+}
+
+func TestRollbackWhenRestoreFails(t *testing.T) {
+	p := newPair(t)
+	held := filepath.Join(t.TempDir(), "held.dat")
+	rec := p.run(t, "holder", "openfile", held)
+	growing(t, rec.Stdout, "counting on a")
+	// The file vanishes after pre-flight and dump: the restore on b cannot succeed.
+	d := &faulty{Destination: p.dst, beforeRestore: func() { os.Remove(held) }}
+	_, err := p.src.Migrate(context.Background(), d, migrate.Request{Workload: "holder", To: "b"}, nil)
+	if !errors.Is(err, migrate.ErrRestoreFailed) || !errors.Is(err, checkpoint.ErrMissingFile) {
+		t.Fatalf("migrate: %v, want ErrRestoreFailed naming the missing file", err)
+	}
+	if !strings.Contains(err.Error(), held) || !strings.Contains(err.Error(), "rolled back") {
+		t.Errorf("error does not say what happened: %v", err)
+	}
+	a, _ := p.a.Get("holder")
+	if a.State != workload.Running || a.Pid != rec.Pid {
+		t.Fatalf("after rollback: %s pid %d", a.State, a.Pid)
+	}
+	growing(t, rec.Stdout, "counting on a after rollback")
+	if _, err := p.b.Get("holder"); !errors.Is(err, workload.ErrNotFound) {
+		t.Errorf("b kept a record of the failed restore: %v", err)
+	}
+	if ev := strings.Join(p.events, "; "); !strings.HasSuffix(ev, "a add 10.99.0.1/24@eth0; a announce 10.99.0.1/24@eth0") {
+		t.Errorf("VIP not back on a: %s", ev)
+	}
+	if p.liveCopies("holder") != 1 {
+		t.Errorf("%d live copies", p.liveCopies("holder"))
+	}
+}
+
+func TestRollbackWhenTransferBreaks(t *testing.T) {
+	p := newPair(t)
+	rec := p.run(t, "counter", "counter")
+	growing(t, rec.Stdout, "counting on a")
+	_, err := p.src.Migrate(context.Background(), &faulty{Destination: p.dst, failImages: true}, migrate.Request{Workload: "counter", To: "b"}, nil)
+	if err == nil || !strings.Contains(err.Error(), "rolled back") {
+		t.Fatalf("migrate: %v, want a rolled-back failure", err)
+	}
+	growing(t, rec.Stdout, "counting on a after rollback")
+	if p.liveCopies("counter") != 1 {
+		t.Errorf("%d live copies", p.liveCopies("counter"))
+	}
+	if ents, _ := os.ReadDir(p.dst.WorkDir); len(ents) != 0 {
+		t.Errorf("destination kept %d incoming directories", len(ents))
+	}
+}
+
+func TestLostRestoreAnswer(t *testing.T) {
+	p := newPair(t)
+	rec := p.run(t, "counter", "counter")
+	growing(t, rec.Stdout, "counting on a")
+	// The answer is lost but the destination can still be reached: it cancels its
+	// copy and the source resumes.
+	_, err := p.src.Migrate(context.Background(), &faulty{Destination: p.dst, loseAnswer: true}, migrate.Request{Workload: "counter", To: "b"}, nil)
+	if err == nil || !strings.Contains(err.Error(), "rolled back") {
+		t.Fatalf("migrate: %v", err)
+	}
+	if a, _ := p.a.Get("counter"); a.State != workload.Running || p.liveCopies("counter") != 1 {
+		t.Fatalf("a is %s, %d live copies", a.State, p.liveCopies("counter"))
+	}
+	growing(t, rec.Stdout, "counting on a")
+
+	// Lost answer and no way to cancel: the source must stay frozen, never resume.
+	_, err = p.src.Migrate(context.Background(), &faulty{Destination: p.dst, loseAnswer: true, failAbort: true}, migrate.Request{Workload: "counter", To: "b"}, nil)
+	if !errors.Is(err, migrate.ErrOutcomeUnknown) {
+		t.Fatalf("migrate: %v, want ErrOutcomeUnknown", err)
+	}
+	if a, _ := p.a.Get("counter"); a.State != workload.Frozen {
+		t.Errorf("source is %s, want frozen", a.State)
+	}
+	if n := p.liveCopies("counter"); n != 1 {
+		t.Errorf("%d live copies, want exactly the destination's", n)
+	}
+}
+
+func TestPreflightRefusals(t *testing.T) {
+	p := newPair(t)
+	rec := p.run(t, "counter", "counter")
+	// A forced strategy this host cannot run: refused before anything is frozen.
+	_, err := p.src.Migrate(context.Background(), p.dst, migrate.Request{Workload: "counter", To: "b", Strategy: migrate.PreCopy}, nil)
+	if !errors.Is(err, migrate.ErrStrategyUnavailable) {
+		t.Errorf("forced pre-copy: %v", err)
+	}
+	// A name already running on the destination.
+	if _, err := p.b.Run(context.Background(), workload.Spec{Name: "counter", Args: []string{"sleep", "100"}}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = p.src.Migrate(context.Background(), p.dst, migrate.Request{Workload: "counter", To: "b"}, nil)
+	if !errors.Is(err, migrate.ErrPreflight) || !strings.Contains(err.Error(), "already runs on b") {
+		t.Errorf("name clash: %v", err)
+	}
+	if _, err := p.src.Migrate(context.Background(), p.dst, migrate.Request{Workload: "ghost", To: "b"}, nil); !errors.Is(err, workload.ErrNotFound) {
+		t.Errorf("unknown workload: %v", err)
+	}
+	if a, _ := p.a.Get("counter"); a.State != workload.Running || a.Pid != rec.Pid {
+		t.Errorf("source after refusals: %s", a.State)
+	}
+}

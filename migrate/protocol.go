@@ -1,0 +1,78 @@
+package migrate
+
+import (
+	"context"
+	"errors"
+	"io"
+	"regexp"
+	"time"
+
+	"github.com/duplex-ha/duplex/checkpoint"
+	"github.com/duplex-ha/duplex/internal/workload"
+)
+
+var (
+	// ErrRestoreFailed means the destination tried to restore and failed, and has
+	// cleaned up: the source may safely resume.
+	ErrRestoreFailed = errors.New("restore failed on the destination")
+	// ErrOutcomeUnknown means the source could not learn whether the destination's
+	// restore succeeded nor cancel it. The source stays frozen (never two live
+	// copies); an operator resolves it once the destination is reachable.
+	ErrOutcomeUnknown = errors.New("migration outcome unknown")
+	// ErrNoMigration means the destination knows no migration of that id.
+	ErrNoMigration = errors.New("no such migration")
+)
+
+// Destination is the receiving end of migrations, on the target host.
+type Destination interface {
+	// Capabilities reports what the destination can do.
+	Capabilities(ctx context.Context) (Capabilities, error)
+	// Prepare runs the destination's pre-flight checks and starts the page server
+	// the source's dump sends memory to. Nothing is frozen yet.
+	Prepare(ctx context.Context, req PrepareRequest) (PrepareResponse, error)
+	// SendImages receives the non-memory images (see WriteImages).
+	SendImages(ctx context.Context, id string, r io.Reader) (Received, error)
+	// Restore brings the service addresses up, restores the workload, and then
+	// announces the addresses. A failure it cleaned up after is ErrRestoreFailed.
+	Restore(ctx context.Context, id string) (RestoreResponse, error)
+	// Commit tells the destination the source is gone: the migration is over.
+	Commit(ctx context.Context, id string) error
+	// Abort undoes everything the destination did for the migration, including a
+	// restored copy. Aborting an unknown id is not an error.
+	Abort(ctx context.Context, id string) error
+}
+
+// PrepareRequest opens a migration on the destination.
+type PrepareRequest struct {
+	ID        string          `json:"id"`
+	Workload  workload.Record `json:"workload"`
+	Strategy  Strategy        `json:"strategy"`
+	Source    Capabilities    `json:"source"`
+	OpenFiles []string        `json:"open_files,omitempty"` // regular files the tree holds open
+	Memory    uint64          `json:"memory"`               // resident bytes of the tree
+}
+
+// PrepareResponse tells the source where to send memory.
+type PrepareResponse struct {
+	PageServer checkpoint.Address `json:"page_server"`
+}
+
+// Received reports an image stream the destination accepted.
+type Received struct {
+	Files int   `json:"files"`
+	Bytes int64 `json:"bytes"`
+}
+
+// RestoreResponse reports a restore on the destination.
+type RestoreResponse struct {
+	Workload workload.Record `json:"workload"`
+	// Durations on the destination, in milliseconds.
+	VIPAddMS      float64 `json:"vip_add_ms"`
+	RestoreMS     float64 `json:"restore_ms"`      // CRIU's own restore time
+	RestoreWallMS float64 `json:"restore_wall_ms"` // the whole CRIU call
+	AnnounceMS    float64 `json:"announce_ms"`     // restore done to the first announcement sent
+}
+
+var idRe = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,100}$`)
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

@@ -1,0 +1,307 @@
+package migrate
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/duplex-ha/duplex/checkpoint"
+	"github.com/duplex-ha/duplex/internal/workload"
+)
+
+// LocalWorkloads is what the source needs of the host's workload manager.
+type LocalWorkloads interface {
+	Get(name string) (workload.Record, error)
+	Checkpoint(ctx context.Context, name string, o workload.CheckpointOptions) (*checkpoint.DumpStats, error)
+	Resume(name string) (workload.Record, error)
+	Discard(name, to string) (workload.Record, error)
+}
+
+// Source is the sending end of migrations on this host.
+type Source struct {
+	Host      string
+	WorkDir   string // where the dump's non-memory images go before they are sent (tmpfs is best)
+	Workloads LocalWorkloads
+	VIPs      workload.VIPController
+	TLS       *checkpoint.TLS // page-server encryption; nil for none
+	Caps      func(ctx context.Context) (Capabilities, error)
+	Log       *logrus.Entry
+}
+
+// Request asks to move one workload.
+type Request struct {
+	Workload string
+	To       string // the destination host's name, for records and messages
+	Strategy Strategy
+}
+
+// Phases of a migration, in order, as Progress reports them.
+const (
+	PhasePreflight = "preflight"
+	PhaseFreeze    = "freeze+dump" // frozen; memory streams to the destination's page server
+	PhaseImages    = "images"      // the rest of the images travel
+	PhaseRestore   = "restore"     // VIP ready, restore, VIP announced on the destination
+	PhaseCommit    = "commit"
+	PhaseRollback  = "rollback"
+	PhaseDone      = "done"
+)
+
+// Progress is reported as a migration advances.
+type Progress struct {
+	Workload string        `json:"workload"`
+	Phase    string        `json:"phase"`
+	Elapsed  time.Duration `json:"elapsed"`
+	Bytes    int64         `json:"bytes"` // moved so far
+	Message  string        `json:"message,omitempty"`
+}
+
+// Result summarises a migration.
+type Result struct {
+	ID       string   `json:"id"`
+	Workload string   `json:"workload"`
+	From     string   `json:"from"`
+	To       string   `json:"to"`
+	Strategy Strategy `json:"strategy"`
+	// FrozenMS is CRIU's frozen time on the source (dump).
+	FrozenMS float64 `json:"frozen_ms"`
+	// DowntimeMS runs from the freeze to the restored copy running on the
+	// destination with its service addresses announced.
+	DowntimeMS float64 `json:"downtime_ms"`
+	TotalMS    float64 `json:"total_ms"`
+	// PageBytes went through the page server, ImageBytes through the image stream.
+	PageBytes  int64 `json:"page_bytes"`
+	ImageBytes int64 `json:"image_bytes"`
+	// Destination figures.
+	RestoreMS float64 `json:"restore_ms"`
+	VIPAddMS  float64 `json:"vip_add_ms"`
+	// Phases holds each phase's duration in milliseconds.
+	Phases map[string]float64 `json:"phases"`
+	Pid    int                `json:"pid"` // the workload's root on the destination
+}
+
+func newID(name string) string {
+	b := make([]byte, 4)
+	_, _ = rand.Read(b)
+	return name + "-" + time.Now().UTC().Format("20060102T150405") + "-" + hex.EncodeToString(b)
+}
+
+func (s *Source) log() *logrus.Entry {
+	if s.Log == nil {
+		l := logrus.New()
+		l.SetOutput(io.Discard)
+		return logrus.NewEntry(l)
+	}
+	return s.Log
+}
+
+// Migrate moves a running workload to dst. Whatever fails, exactly one live copy
+// remains: before the destination's restore succeeded the source is resumed
+// (rollback); after it, the source is discarded (commit). When the destination's
+// answer is lost and it cannot be reached to cancel, the source stays frozen and the
+// error matches ErrOutcomeUnknown.
+func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, progress func(Progress)) (*Result, error) {
+	start := time.Now()
+	res := &Result{ID: newID(req.Workload), Workload: req.Workload, From: s.Host, To: req.To, Phases: map[string]float64{}}
+	phaseStart := start
+	phase := PhasePreflight
+	report := func(next string, bytes int64, msg string) {
+		res.Phases[phase] += ms(time.Since(phaseStart))
+		phase, phaseStart = next, time.Now()
+		if progress != nil {
+			progress(Progress{Workload: req.Workload, Phase: next, Elapsed: time.Since(start), Bytes: bytes, Message: msg})
+		}
+	}
+	if progress != nil {
+		progress(Progress{Workload: req.Workload, Phase: PhasePreflight})
+	}
+	log := s.log().WithFields(logrus.Fields{"workload": req.Workload, "to": req.To, "migration": res.ID})
+
+	// Pre-flight: nothing is frozen until both ends agreed.
+	rec, err := s.Workloads.Get(req.Workload)
+	if err != nil {
+		return nil, err
+	}
+	if rec.State != workload.Running {
+		return nil, fmt.Errorf("migrate %s: %w (it is %s)", rec.Name, workload.ErrNotRunning, rec.State)
+	}
+	srcCaps, err := s.Caps(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("migrate %s: capabilities of %s: %w", rec.Name, s.Host, err)
+	}
+	dstCaps, err := dst.Capabilities(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("migrate %s: reach %s: %w", rec.Name, req.To, err)
+	}
+	strategy, err := Choose(req.Strategy, srcCaps, dstCaps)
+	if err != nil {
+		return nil, fmt.Errorf("migrate %s: %w", rec.Name, err)
+	}
+	res.Strategy = strategy
+	files, mem := treeFilesAndMemory(rec.Pid)
+	prep, err := dst.Prepare(ctx, PrepareRequest{ID: res.ID, Workload: rec, Strategy: strategy, Source: srcCaps, OpenFiles: files, Memory: mem})
+	if err != nil {
+		return nil, fmt.Errorf("migrate %s to %s: %w", rec.Name, req.To, err)
+	}
+	dir := filepath.Join(s.WorkDir, res.ID)
+	defer os.RemoveAll(dir)
+
+	// Freeze and dump; memory goes straight to the destination's page server.
+	report(PhaseFreeze, 0, fmt.Sprintf("strategy %s, %d MiB resident", strategy, mem>>20))
+	freeze := time.Now()
+	st, err := s.Workloads.Checkpoint(ctx, rec.Name, workload.CheckpointOptions{
+		Dir: dir, LeaveStopped: true, TCPEstablished: true, NetworkLock: checkpoint.LockNFTables,
+		PageServer: &prep.PageServer, TLS: s.TLS,
+	})
+	if err != nil {
+		// CRIU resumed the tree itself; the destination has nothing to undo but its page server.
+		_ = dst.Abort(context.WithoutCancel(ctx), res.ID)
+		return nil, fmt.Errorf("migrate %s: %w", rec.Name, err)
+	}
+	res.FrozenMS = ms(st.FrozenTime)
+	res.PageBytes = int64(st.PagesWritten) * 4096
+
+	// From here on, any failure before the restore succeeded rolls back.
+	vipsDown := false
+	rollback := func(cause error) (*Result, error) {
+		report(PhaseRollback, res.PageBytes+res.ImageBytes, cause.Error())
+		rctx := context.WithoutCancel(ctx)
+		var errs []error
+		if vipsDown {
+			for _, v := range rec.VIPs {
+				if err := s.VIPs.Add(rctx, v); err != nil {
+					errs = append(errs, fmt.Errorf("restore service address %s: %w", v, err))
+				}
+			}
+		}
+		if _, err := s.Workloads.Resume(rec.Name); err != nil {
+			errs = append(errs, err)
+		}
+		if vipsDown {
+			for _, v := range rec.VIPs {
+				_ = s.VIPs.Announce(rctx, v)
+			}
+		}
+		log.WithError(cause).Warn("migration rolled back; workload resumed on the source")
+		if len(errs) > 0 {
+			return nil, fmt.Errorf("migrate %s: %w; rollback: %w", rec.Name, cause, errors.Join(errs...))
+		}
+		return nil, fmt.Errorf("migrate %s (rolled back, still running on %s): %w", rec.Name, s.Host, cause)
+	}
+
+	report(PhaseImages, res.PageBytes, "")
+	pr, pw := io.Pipe()
+	sent := make(chan error, 1)
+	go func() {
+		n, err := WriteImages(pw, dir)
+		res.ImageBytes = n
+		pw.CloseWithError(err)
+		sent <- err
+	}()
+	_, err = dst.SendImages(ctx, res.ID, pr)
+	pr.CloseWithError(errors.New("transfer ended"))
+	if serr := <-sent; err == nil && serr != nil {
+		err = serr
+	}
+	if err != nil {
+		_ = dst.Abort(context.WithoutCancel(ctx), res.ID)
+		return rollback(fmt.Errorf("send images: %w", err))
+	}
+
+	// The address leaves the source before the destination takes it: never two owners.
+	report(PhaseRestore, res.PageBytes+res.ImageBytes, "")
+	for _, v := range rec.VIPs {
+		if err := s.VIPs.Remove(ctx, v); err != nil {
+			vipsDown = true
+			_ = dst.Abort(context.WithoutCancel(ctx), res.ID)
+			return rollback(fmt.Errorf("release service address %s: %w", v, err))
+		}
+		vipsDown = true
+	}
+	rr, err := dst.Restore(ctx, res.ID)
+	if err != nil {
+		if errors.Is(err, ErrRestoreFailed) {
+			_ = dst.Abort(context.WithoutCancel(ctx), res.ID)
+			return rollback(err)
+		}
+		// The answer was lost: the copy may run there. Cancel it before resuming here.
+		if aerr := abortWithRetry(context.WithoutCancel(ctx), dst, res.ID); aerr != nil {
+			log.WithError(err).Error("migration outcome unknown; workload left frozen on the source")
+			return nil, fmt.Errorf("migrate %s: %w: restore on %s: %w; cancel: %w; the workload stays frozen on %s until resolved",
+				rec.Name, ErrOutcomeUnknown, req.To, err, aerr, s.Host)
+		}
+		return rollback(err)
+	}
+	res.DowntimeMS = ms(time.Since(freeze))
+	res.RestoreMS = rr.RestoreWallMS
+	res.VIPAddMS = rr.VIPAddMS
+	res.Pid = rr.Workload.Pid
+
+	// Commit: the destination runs the workload; the frozen source goes.
+	report(PhaseCommit, res.PageBytes+res.ImageBytes, "")
+	if _, err := s.Workloads.Discard(rec.Name, req.To); err != nil {
+		log.WithError(err).Warn("discarding the migrated source")
+	}
+	if err := dst.Commit(context.WithoutCancel(ctx), res.ID); err != nil {
+		log.WithError(err).Warn("destination did not acknowledge the commit")
+	}
+	res.TotalMS = ms(time.Since(start))
+	report(PhaseDone, res.PageBytes+res.ImageBytes, "")
+	log.WithFields(logrus.Fields{"downtime_ms": res.DowntimeMS, "frozen_ms": res.FrozenMS, "bytes": res.PageBytes + res.ImageBytes}).Info("workload migrated")
+	return res, nil
+}
+
+func abortWithRetry(ctx context.Context, dst Destination, id string) error {
+	var err error
+	for i := 0; i < 5; i++ {
+		actx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		err = dst.Abort(actx, id)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		time.Sleep(time.Duration(i+1) * 200 * time.Millisecond)
+	}
+	return err
+}
+
+// treeFilesAndMemory lists the regular files the tree rooted at pid holds open
+// (paths that must exist on the destination) and its resident memory.
+func treeFilesAndMemory(pid int) ([]string, uint64) {
+	pids, err := checkpoint.TreePids(pid)
+	if err != nil {
+		return nil, 0
+	}
+	seen := map[string]bool{}
+	var files []string
+	var rss uint64
+	for _, p := range pids {
+		fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", p))
+		for _, fd := range fds {
+			link, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", p, fd.Name()))
+			if err != nil || !strings.HasPrefix(link, "/") || strings.HasSuffix(link, " (deleted)") ||
+				strings.HasPrefix(link, "/proc/") || strings.HasPrefix(link, "/dev/") || seen[link] {
+				continue
+			}
+			if st, err := os.Stat(link); err == nil && st.Mode().IsRegular() {
+				seen[link] = true
+				files = append(files, link)
+			}
+		}
+		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/statm", p)); err == nil {
+			var size, res uint64
+			if _, err := fmt.Sscan(string(b), &size, &res); err == nil {
+				rss += res * uint64(os.Getpagesize())
+			}
+		}
+	}
+	return files, rss
+}

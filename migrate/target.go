@@ -1,0 +1,362 @@
+package migrate
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/duplex-ha/duplex/checkpoint"
+	"github.com/duplex-ha/duplex/internal/workload"
+)
+
+// Workloads is what the destination needs of the host's workload manager.
+type Workloads interface {
+	Get(name string) (workload.Record, error)
+	Restore(ctx context.Context, o workload.RestoreOptions) (workload.Record, *checkpoint.RestoreResult, error)
+	Abandon(name string) error
+}
+
+// Target is the destination end of migrations on this host.
+type Target struct {
+	Host      string // this host's name
+	Addr      string // address the page server listens on (the agent's address)
+	WorkDir   string // where incoming images go (tmpfs is best)
+	Engine    *checkpoint.Engine
+	Workloads Workloads
+	VIPs      workload.VIPController
+	TLS       *checkpoint.TLS // page-server encryption; nil for none
+	Limits    Limits
+	// Caps returns this host's capabilities.
+	Caps func(ctx context.Context) (Capabilities, error)
+	Log  *logrus.Entry
+
+	mu sync.Mutex
+	m  map[string]*incoming
+}
+
+type incoming struct {
+	req      PrepareRequest
+	dir      string
+	ps       *checkpoint.PageServer
+	images   bool
+	restored bool
+	vips     []string // addresses added here
+	busy     bool
+}
+
+func (t *Target) log() *logrus.Entry {
+	if t.Log == nil {
+		l := logrus.New()
+		l.SetOutput(io.Discard)
+		return logrus.NewEntry(l)
+	}
+	return t.Log
+}
+
+// Capabilities implements Destination.
+func (t *Target) Capabilities(ctx context.Context) (Capabilities, error) { return t.Caps(ctx) }
+
+func (t *Target) get(id string) (*incoming, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	in, ok := t.m[id]
+	if !ok {
+		return nil, fmt.Errorf("%w: %s", ErrNoMigration, id)
+	}
+	if in.busy {
+		return nil, fmt.Errorf("migration %s: another request is in progress", id)
+	}
+	in.busy = true
+	return in, nil
+}
+
+func (t *Target) put(in *incoming) {
+	t.mu.Lock()
+	in.busy = false
+	t.mu.Unlock()
+}
+
+// Prepare implements Destination.
+func (t *Target) Prepare(ctx context.Context, req PrepareRequest) (PrepareResponse, error) {
+	if !idRe.MatchString(req.ID) {
+		return PrepareResponse{}, fmt.Errorf("%w: migration id %q", ErrPreflight, req.ID)
+	}
+	if err := t.preflight(ctx, req); err != nil {
+		return PrepareResponse{}, err
+	}
+	t.mu.Lock()
+	if t.m == nil {
+		t.m = map[string]*incoming{}
+	}
+	if _, dup := t.m[req.ID]; dup {
+		t.mu.Unlock()
+		return PrepareResponse{}, fmt.Errorf("%w: migration %s already exists", ErrPreflight, req.ID)
+	}
+	in := &incoming{req: req, dir: filepath.Join(t.WorkDir, req.ID), busy: true}
+	t.m[req.ID] = in
+	t.mu.Unlock()
+
+	fail := func(err error) (PrepareResponse, error) {
+		t.drop(in)
+		return PrepareResponse{}, err
+	}
+	if err := os.MkdirAll(in.dir, 0o700); err != nil {
+		return fail(fmt.Errorf("prepare %s: %w", req.ID, err))
+	}
+	ps, err := t.Engine.StartPageServer(ctx, checkpoint.PageServerOptions{ImagesDir: in.dir, Address: t.Addr, TLS: t.TLS})
+	if err != nil {
+		return fail(fmt.Errorf("prepare %s: %w", req.ID, err))
+	}
+	in.ps = ps
+	t.put(in)
+	t.log().WithFields(logrus.Fields{"migration": req.ID, "workload": req.Workload.Name, "port": ps.Port}).Info("prepared incoming migration")
+	return PrepareResponse{PageServer: checkpoint.Address{Host: t.Addr, Port: ps.Port}}, nil
+}
+
+// preflight checks everything it can before the source freezes anything.
+func (t *Target) preflight(ctx context.Context, req PrepareRequest) error {
+	var problems []string
+	if err := workload.ValidateName(req.Workload.Name); err != nil {
+		problems = append(problems, err.Error())
+	} else if r, err := t.Workloads.Get(req.Workload.Name); err == nil && (r.State == workload.Running || r.State == workload.Frozen) {
+		problems = append(problems, fmt.Sprintf("a workload named %s already runs on %s", r.Name, t.Host))
+	}
+	caps, err := t.Caps(ctx)
+	if err != nil {
+		return fmt.Errorf("%w: %s cannot report its capabilities: %w", ErrPreflight, t.Host, err)
+	}
+	if _, err := Choose(req.Strategy, req.Source, caps); err != nil {
+		problems = append(problems, err.Error())
+	}
+	if need := req.Memory + req.Memory/10; caps.MemAvailable > 0 && need > caps.MemAvailable {
+		problems = append(problems, fmt.Sprintf("needs %d MiB of memory, %s has %d MiB available", need>>20, t.Host, caps.MemAvailable>>20))
+	}
+	var missing []string
+	for _, f := range req.OpenFiles {
+		if _, err := os.Stat(f); err != nil {
+			missing = append(missing, f)
+		}
+	}
+	if len(missing) > 0 {
+		problems = append(problems, fmt.Sprintf("files the workload holds open are missing on %s: %s", t.Host, strings.Join(missing, ", ")))
+	}
+	if lack := missingFlags(req.Source.CPUFlags, caps.CPUFlags); len(lack) > 0 {
+		problems = append(problems, fmt.Sprintf("%s's CPU lacks features the workload may use: %s", t.Host, strings.Join(lack, " ")))
+	}
+	for _, v := range req.Workload.VIPs {
+		if t.VIPs == nil {
+			problems = append(problems, "service addresses are not supported on "+t.Host)
+			break
+		}
+		if err := t.VIPs.Check(v); err != nil {
+			problems = append(problems, err.Error())
+		}
+	}
+	if len(problems) > 0 {
+		return fmt.Errorf("%w: %s", ErrPreflight, strings.Join(problems, "; "))
+	}
+	return nil
+}
+
+func missingFlags(src, dst []string) []string {
+	var out []string
+	for _, f := range src {
+		if !slices.Contains(dst, f) {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+// SendImages implements Destination.
+func (t *Target) SendImages(ctx context.Context, id string, r io.Reader) (Received, error) {
+	in, err := t.get(id)
+	if err != nil {
+		return Received{}, err
+	}
+	defer t.put(in)
+	if in.images {
+		return Received{}, fmt.Errorf("%w: images of %s already received", ErrBadImages, id)
+	}
+	lim := t.Limits
+	if lim.MaxFiles == 0 {
+		lim = DefaultLimits
+	}
+	files, n, err := ReadImages(r, in.dir, lim)
+	if err != nil {
+		return Received{}, fmt.Errorf("images of %s: %w", id, err)
+	}
+	in.images = true
+	return Received{Files: files, Bytes: n}, nil
+}
+
+// Restore implements Destination.
+func (t *Target) Restore(ctx context.Context, id string) (RestoreResponse, error) {
+	in, err := t.get(id)
+	if err != nil {
+		return RestoreResponse{}, err
+	}
+	defer t.put(in)
+	if !in.images {
+		return RestoreResponse{}, fmt.Errorf("%w: %s: no images received", ErrRestoreFailed, id)
+	}
+	if in.restored {
+		return RestoreResponse{}, fmt.Errorf("migration %s: already restored", id)
+	}
+	// The page server ends when the dump closes its connection.
+	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	err = in.ps.Wait(wctx)
+	cancel()
+	if err != nil {
+		return RestoreResponse{}, fmt.Errorf("%w: %s: page server still waiting for memory: %w", ErrRestoreFailed, id, err)
+	}
+
+	var resp RestoreResponse
+	rec, res, err := t.Workloads.Restore(ctx, workload.RestoreOptions{Dir: in.dir, BeforeRestore: func(rec workload.Record) error {
+		start := time.Now()
+		for _, v := range rec.VIPs {
+			if err := t.VIPs.Add(ctx, v); err != nil {
+				return fmt.Errorf("service address %s: %w", v, err)
+			}
+			in.vips = append(in.vips, v)
+		}
+		resp.VIPAddMS = ms(time.Since(start))
+		return nil
+	}})
+	if err != nil {
+		t.removeVIPs(in)
+		return RestoreResponse{}, fmt.Errorf("%w: %w", ErrRestoreFailed, err)
+	}
+	in.restored = true
+	start := time.Now()
+	for _, v := range rec.VIPs {
+		if err := t.VIPs.Announce(ctx, v); err != nil {
+			t.log().WithError(err).WithField("vip", v).Warn("announcing service address")
+		}
+	}
+	resp.AnnounceMS = ms(time.Since(start))
+	resp.Workload = rec
+	resp.RestoreMS = ms(res.RestoreTime)
+	resp.RestoreWallMS = ms(res.Wall)
+	t.log().WithFields(logrus.Fields{"migration": id, "workload": rec.Name, "pid": rec.Pid, "restore_ms": resp.RestoreMS}).Info("restored incoming workload")
+	return resp, nil
+}
+
+func (t *Target) removeVIPs(in *incoming) {
+	for _, v := range in.vips {
+		if err := t.VIPs.Remove(context.Background(), v); err != nil {
+			t.log().WithError(err).WithField("vip", v).Warn("removing service address")
+		}
+	}
+	in.vips = nil
+}
+
+// Commit implements Destination.
+func (t *Target) Commit(ctx context.Context, id string) error {
+	in, err := t.get(id)
+	if err != nil {
+		return err
+	}
+	if !in.restored {
+		t.put(in)
+		return fmt.Errorf("commit %s: nothing was restored", id)
+	}
+	in.vips = nil // they belong to the workload now
+	t.drop(in)
+	t.log().WithField("migration", id).Info("migration committed")
+	return nil
+}
+
+// Abort implements Destination.
+func (t *Target) Abort(ctx context.Context, id string) error {
+	t.mu.Lock()
+	in, ok := t.m[id]
+	t.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	var errs []error
+	if in.restored {
+		if err := t.Workloads.Abandon(in.req.Workload.Name); err != nil {
+			errs = append(errs, err)
+		}
+		in.vips = nil // Abandon took them down with the workload
+	}
+	t.removeVIPs(in)
+	t.drop(in)
+	t.log().WithField("migration", id).Info("migration aborted")
+	return errors.Join(errs...)
+}
+
+// drop forgets a migration and removes its page server and images.
+func (t *Target) drop(in *incoming) {
+	if in.ps != nil {
+		_ = in.ps.Stop()
+	}
+	_ = os.RemoveAll(in.dir)
+	t.mu.Lock()
+	delete(t.m, in.req.ID)
+	t.mu.Unlock()
+}
+
+// HostCapabilities collects this host's capabilities for Target.Caps and the source.
+func HostCapabilities(ctx context.Context, host string, eng *checkpoint.Engine) (Capabilities, error) {
+	c := Capabilities{Host: host, Features: map[string]bool{}, Implemented: implemented}
+	v, err := eng.Version(ctx)
+	if err != nil {
+		return c, err
+	}
+	c.CRIU = v.String()
+	for _, f := range []string{checkpoint.FeatureMemDirtyTrack, checkpoint.FeatureUFFDNonCoop, checkpoint.FeatureNFTablesLock} {
+		ok, err := eng.HasFeature(ctx, f)
+		if err != nil {
+			return c, err
+		}
+		c.Features[f] = ok
+	}
+	c.CPUFlags = cpuFlags()
+	c.MemAvailable = memAvailable()
+	return c, nil
+}
+
+func cpuFlags() []string {
+	f, err := os.Open("/proc/cpuinfo")
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if k, v, ok := strings.Cut(sc.Text(), ":"); ok && strings.TrimSpace(k) == "flags" {
+			return strings.Fields(v)
+		}
+	}
+	return nil
+}
+
+func memAvailable() uint64 {
+	f, err := os.Open("/proc/meminfo")
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "MemAvailable:"); ok {
+			kb, _ := strconv.ParseUint(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			return kb << 10
+		}
+	}
+	return 0
+}
