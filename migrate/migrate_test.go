@@ -78,7 +78,9 @@ func newPair(t *testing.T) *pair {
 	p.a, va = mk("a")
 	p.b, vb = mk("b")
 	caps := func(host string) func(context.Context) (migrate.Capabilities, error) {
-		return func(ctx context.Context) (migrate.Capabilities, error) { return migrate.HostCapabilities(ctx, host, eng) }
+		return func(ctx context.Context) (migrate.Capabilities, error) {
+			return migrate.HostCapabilities(ctx, host, eng)
+		}
 	}
 	p.src = &migrate.Source{Host: "a", WorkDir: t.TempDir(), Workloads: p.a, VIPs: va, Caps: caps("a"), Log: testutil.Logger(t).WithField("host", "a")}
 	p.dst = &migrate.Target{Host: "b", Addr: "127.0.0.1", WorkDir: t.TempDir(), Engine: eng, Workloads: p.b, VIPs: vb, Caps: caps("b"), Log: testutil.Logger(t).WithField("host", "b")}

@@ -1,0 +1,212 @@
+package migrate
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/duplex-ha/duplex/internal/pki"
+)
+
+// The agent protocol: JSON over HTTPS with mutual TLS. Only peers whose certificate
+// the cluster CA signed get past the TLS handshake (the server's tls.Config requires
+// and verifies client certificates); the handler refuses any request that arrives
+// without a verified peer all the same.
+
+const agentPrefix = "/agent/v1"
+
+// error codes on the wire
+const (
+	codePreflight   = "preflight"
+	codeStrategy    = "strategy"
+	codeBadImages   = "bad_images"
+	codeRestore     = "restore_failed"
+	codeNoMigration = "no_migration"
+	codeForbidden   = "forbidden"
+	codeInternal    = "internal"
+)
+
+type wireError struct {
+	Message string `json:"error"`
+	Code    string `json:"code"`
+}
+
+// Handler serves a Target to other hosts' agents.
+func Handler(t *Target) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET "+agentPrefix+"/capabilities", func(w http.ResponseWriter, r *http.Request) {
+		c, err := t.Capabilities(r.Context())
+		reply(w, t, c, err)
+	})
+	mux.HandleFunc("POST "+agentPrefix+"/migrations", func(w http.ResponseWriter, r *http.Request) {
+		var req PrepareRequest
+		if err := json.NewDecoder(io.LimitReader(r.Body, 16<<20)).Decode(&req); err != nil {
+			reply(w, t, nil, fmt.Errorf("%w: request: %w", ErrPreflight, err))
+			return
+		}
+		resp, err := t.Prepare(r.Context(), req)
+		reply(w, t, resp, err)
+	})
+	mux.HandleFunc("PUT "+agentPrefix+"/migrations/{id}/images", func(w http.ResponseWriter, r *http.Request) {
+		resp, err := t.SendImages(r.Context(), r.PathValue("id"), r.Body)
+		reply(w, t, resp, err)
+	})
+	mux.HandleFunc("POST "+agentPrefix+"/migrations/{id}/restore", func(w http.ResponseWriter, r *http.Request) {
+		// A restore runs to its end even if the caller goes away; Abort undoes it.
+		resp, err := t.Restore(context.WithoutCancel(r.Context()), r.PathValue("id"))
+		reply(w, t, resp, err)
+	})
+	mux.HandleFunc("POST "+agentPrefix+"/migrations/{id}/commit", func(w http.ResponseWriter, r *http.Request) {
+		reply(w, t, struct{}{}, t.Commit(r.Context(), r.PathValue("id")))
+	})
+	mux.HandleFunc("POST "+agentPrefix+"/migrations/{id}/abort", func(w http.ResponseWriter, r *http.Request) {
+		reply(w, t, struct{}{}, t.Abort(context.WithoutCancel(r.Context()), r.PathValue("id")))
+	})
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		peer := pki.PeerName(r.TLS)
+		if peer == "" {
+			writeWire(w, http.StatusForbidden, wireError{Message: "a cluster certificate is required", Code: codeForbidden})
+			return
+		}
+		t.log().WithFields(logrus.Fields{"peer": peer, "path": r.URL.Path}).Debug("agent request")
+		mux.ServeHTTP(w, r)
+	})
+}
+
+func reply(w http.ResponseWriter, t *Target, v any, err error) {
+	if err == nil {
+		writeWire(w, http.StatusOK, v)
+		return
+	}
+	code, status := codeInternal, http.StatusInternalServerError
+	switch {
+	case errors.Is(err, ErrStrategyUnavailable):
+		code, status = codeStrategy, http.StatusConflict
+	case errors.Is(err, ErrPreflight):
+		code, status = codePreflight, http.StatusConflict
+	case errors.Is(err, ErrBadImages):
+		code, status = codeBadImages, http.StatusBadRequest
+	case errors.Is(err, ErrRestoreFailed):
+		code, status = codeRestore, http.StatusInternalServerError
+	case errors.Is(err, ErrNoMigration):
+		code, status = codeNoMigration, http.StatusNotFound
+	}
+	t.log().WithError(err).WithField("code", code).Warn("agent request failed")
+	writeWire(w, status, wireError{Message: err.Error(), Code: code})
+}
+
+func writeWire(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+// Client is a Destination on another host, reached over mutual TLS.
+type Client struct {
+	base string
+	http *http.Client
+}
+
+// NewClient returns a Destination for the agent at addr (host:port).
+func NewClient(addr string, tlsConf *tls.Config) *Client {
+	tr := &http.Transport{TLSClientConfig: tlsConf, ForceAttemptHTTP2: true, IdleConnTimeout: time.Minute}
+	return &Client{base: "https://" + addr + agentPrefix, http: &http.Client{Transport: tr}}
+}
+
+// Close releases the client's connections.
+func (c *Client) Close() { c.http.CloseIdleConnections() }
+
+func (c *Client) call(ctx context.Context, method, path string, body io.Reader, out any) error {
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, body)
+	if err != nil {
+		return err
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode == http.StatusOK {
+		if out == nil {
+			return nil
+		}
+		return json.NewDecoder(resp.Body).Decode(out)
+	}
+	var we wireError
+	if err := json.NewDecoder(resp.Body).Decode(&we); err != nil {
+		return fmt.Errorf("agent %s: %s", path, resp.Status)
+	}
+	var kind error
+	switch we.Code {
+	case codePreflight:
+		kind = ErrPreflight
+	case codeStrategy:
+		kind = ErrStrategyUnavailable
+	case codeBadImages:
+		kind = ErrBadImages
+	case codeRestore:
+		kind = ErrRestoreFailed
+	case codeNoMigration:
+		kind = ErrNoMigration
+	default:
+		return errors.New(we.Message)
+	}
+	return remoteError{kind: kind, msg: we.Message}
+}
+
+// remoteError is an error the other host reported; it matches its kind.
+type remoteError struct {
+	kind error
+	msg  string
+}
+
+func (e remoteError) Error() string { return e.msg }
+func (e remoteError) Unwrap() error { return e.kind }
+
+func jsonBody(v any) io.Reader {
+	b, _ := json.Marshal(v)
+	return bytes.NewReader(b)
+}
+
+// Capabilities implements Destination.
+func (c *Client) Capabilities(ctx context.Context) (Capabilities, error) {
+	var caps Capabilities
+	return caps, c.call(ctx, http.MethodGet, "/capabilities", nil, &caps)
+}
+
+// Prepare implements Destination.
+func (c *Client) Prepare(ctx context.Context, req PrepareRequest) (PrepareResponse, error) {
+	var resp PrepareResponse
+	return resp, c.call(ctx, http.MethodPost, "/migrations", jsonBody(req), &resp)
+}
+
+// SendImages implements Destination.
+func (c *Client) SendImages(ctx context.Context, id string, r io.Reader) (Received, error) {
+	var resp Received
+	return resp, c.call(ctx, http.MethodPut, "/migrations/"+url.PathEscape(id)+"/images", r, &resp)
+}
+
+// Restore implements Destination.
+func (c *Client) Restore(ctx context.Context, id string) (RestoreResponse, error) {
+	var resp RestoreResponse
+	return resp, c.call(ctx, http.MethodPost, "/migrations/"+url.PathEscape(id)+"/restore", nil, &resp)
+}
+
+// Commit implements Destination.
+func (c *Client) Commit(ctx context.Context, id string) error {
+	return c.call(ctx, http.MethodPost, "/migrations/"+url.PathEscape(id)+"/commit", nil, nil)
+}
+
+// Abort implements Destination.
+func (c *Client) Abort(ctx context.Context, id string) error {
+	return c.call(ctx, http.MethodPost, "/migrations/"+url.PathEscape(id)+"/abort", nil, nil)
+}
