@@ -304,7 +304,7 @@ func (e *Engine) dump(ctx context.Context, o DumpOptions, pre bool) (*DumpStats,
 	}
 	st.Wall = wall
 	if o.TCPEstablished && o.NetworkLock == LockNFTables {
-		st.LockTable = lockTable(filepath.Join(o.ImagesDir, logName))
+		st.LockTable = lockTable(o.ImagesDir, filepath.Join(o.ImagesDir, logName))
 	}
 	return st, nil
 }

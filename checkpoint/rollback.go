@@ -1,15 +1,18 @@
 package checkpoint
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strconv"
+	"strings"
 
 	"github.com/google/nftables"
 	"golang.org/x/sys/unix"
+	"google.golang.org/protobuf/encoding/protowire"
 )
 
 // A dump that leaves the tree stopped (DumpOptions.LeaveStopped) with established
@@ -20,14 +23,61 @@ import (
 
 var lockTableRe = regexp.MustCompile(`inet (CRIU-[0-9a-zA-Z-]+)`)
 
-// lockTable finds the nftables table a dump locked the network with, from its log.
-func lockTable(logPath string) string {
+// lockTable finds the nftables table a dump locked the network with. CRIU names it
+// after the dump's run id (truncated), which it records in inventory.img; the log
+// names it too when the tree had connections to lock.
+func lockTable(imagesDir, logPath string) string {
+	if id := runID(filepath.Join(imagesDir, "inventory.img")); id != "" {
+		if c, err := nftables.New(); err == nil {
+			if tables, err := c.ListTablesOfFamily(nftables.TableFamilyINet); err == nil {
+				for _, t := range tables {
+					if len(t.Name) > len("CRIU-")+8 && strings.HasPrefix("CRIU-"+id, t.Name) {
+						return t.Name
+					}
+				}
+			}
+		}
+	}
 	b, err := os.ReadFile(logPath)
 	if err != nil {
 		return ""
 	}
 	if m := lockTableRe.FindSubmatch(b); m != nil {
 		return string(m[1])
+	}
+	return ""
+}
+
+// runID reads the dump's run id from inventory.img: a magic, a length, then the
+// inventory entry, whose field 13 is the id (newer than go-criu's copy of the schema).
+func runID(path string) string {
+	b, err := os.ReadFile(path)
+	if err != nil || len(b) < 8 {
+		return ""
+	}
+	size := int(binary.LittleEndian.Uint32(b[4:8]))
+	if 8+size > len(b) {
+		return ""
+	}
+	msg := b[8 : 8+size]
+	for len(msg) > 0 {
+		num, typ, n := protowire.ConsumeTag(msg)
+		if n < 0 {
+			return ""
+		}
+		msg = msg[n:]
+		if num == 13 && typ == protowire.BytesType {
+			v, n := protowire.ConsumeBytes(msg)
+			if n < 0 {
+				return ""
+			}
+			return string(v)
+		}
+		n = protowire.ConsumeFieldValue(num, typ, msg)
+		if n < 0 {
+			return ""
+		}
+		msg = msg[n:]
 	}
 	return ""
 }
@@ -72,6 +122,10 @@ func Discard(pid int, lockTable string) error {
 	}
 	return errors.Join(errs...)
 }
+
+// Unlock removes a network lock a dump left (DumpStats.LockTable) without touching
+// the tree: for a frozen tree that is being killed anyway. A missing table is fine.
+func Unlock(table string) error { return dropLock(table) }
 
 // dropLock deletes CRIU's network-lock table; a missing table is fine.
 func dropLock(table string) error {

@@ -109,4 +109,3 @@ func (s *Store) Host(ctx context.Context, name string) (Host, error) {
 	}
 	return h, nil
 }
-

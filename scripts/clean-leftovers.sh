@@ -21,5 +21,21 @@ pkill -9 -f '/tmp/duplex-(it|testbin)-[^ ]*/duplexd' 2>/dev/null && echo "clean:
 awk '{print $5}' /proc/self/mountinfo | grep '/\.criu\.cgyard\.' | sort -r | while read -r m; do
 	umount -l "$m" && echo "clean: unmounted $m"
 done
+# Network locks of dumps whose tree was killed before they were undone.
+if command -v nft >/dev/null; then
+	for t in $(nft list tables 2>/dev/null | awk '/inet CRIU-/{print $3}'); do
+		nft delete table inet "$t" && echo "clean: removed nftables table $t"
+	done
+fi
 rm -rf /tmp/duplex-it-* /tmp/duplex-testbin-* 2>/dev/null
+# Network namespaces of integration/harness clusters (<prefix>-<8 hex>-sw|hN|cN, the
+# prefix starting with dpx): kill what still runs inside, then delete them (their veths
+# and bridge go with them).
+ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^dpx[A-Za-z0-9_]*-[0-9a-f]{8}-(sw|[hc][0-9]+)$' |
+	while read -r ns; do
+		for pid in $(ip netns pids "$ns" 2>/dev/null); do
+			kill -9 "$pid" 2>/dev/null && echo "clean: killed $pid in netns $ns"
+		done
+		ip netns delete "$ns" 2>/dev/null && echo "clean: removed netns $ns"
+	done
 exit 0

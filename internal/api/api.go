@@ -7,6 +7,7 @@ import (
 
 	"github.com/duplex-ha/duplex/checkpoint"
 	"github.com/duplex-ha/duplex/internal/workload"
+	"github.com/duplex-ha/duplex/migrate"
 )
 
 // DefaultSocket is where duplexd listens unless told otherwise.
@@ -22,6 +23,8 @@ const (
 	CodeInvalid    = "invalid"
 	CodeNotRunning = "not_running"
 	CodeForbidden  = "forbidden"
+	CodeNoCluster  = "no_cluster"
+	CodeRefused    = "refused" // a migration's pre-flight or strategy check said no
 	CodeInternal   = "internal"
 )
 
@@ -72,6 +75,20 @@ type RestoreRequest struct {
 type RestoreResponse struct {
 	Workload workload.Record `json:"workload"`
 	Stats    RestoreStats    `json:"stats"`
+}
+
+// MigrateRequest asks to move a workload to another host.
+type MigrateRequest struct {
+	To       string `json:"to"`
+	Strategy string `json:"strategy,omitempty"` // auto (default), precopy, postcopy, stopcopy
+}
+
+// MigrateEvent is one line of a migration's progress stream: progress, or at the
+// end the result or the error.
+type MigrateEvent struct {
+	Progress *migrate.Progress `json:"progress,omitempty"`
+	Result   *migrate.Result   `json:"result,omitempty"`
+	Error    string            `json:"error,omitempty"`
 }
 
 // DumpStats is checkpoint.DumpStats in JSON-friendly units.

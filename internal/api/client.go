@@ -13,7 +13,9 @@ import (
 	"os"
 	"syscall"
 
+	"github.com/duplex-ha/duplex/cluster"
 	"github.com/duplex-ha/duplex/internal/workload"
+	"github.com/duplex-ha/duplex/migrate"
 )
 
 // ErrDaemonUnreachable means no duplexd answers on the socket.
@@ -164,6 +166,37 @@ func (c *Client) Resume(ctx context.Context, name string) (workload.Record, erro
 func (c *Client) Restore(ctx context.Context, req RestoreRequest) (RestoreResponse, error) {
 	var r RestoreResponse
 	return r, c.do(ctx, http.MethodPost, "/v1/restore", req, &r)
+}
+
+// Hosts lists the cluster's live hosts.
+func (c *Client) Hosts(ctx context.Context) ([]cluster.Host, error) {
+	var h []cluster.Host
+	return h, c.do(ctx, http.MethodGet, "/v1/hosts", nil, &h)
+}
+
+// Migrate moves a workload to another host, calling progress for each step, and
+// returns the result.
+func (c *Client) Migrate(ctx context.Context, name string, req MigrateRequest, progress func(migrate.Progress)) (*migrate.Result, error) {
+	resp, err := c.send(ctx, http.MethodPost, "/v1/workloads/"+url.PathEscape(name)+"/migrate", req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	dec := json.NewDecoder(resp.Body)
+	for {
+		var ev MigrateEvent
+		if err := dec.Decode(&ev); err != nil {
+			return nil, fmt.Errorf("migration of %s: progress stream ended early (%w); check 'duplexctl ps -a' on both hosts", name, err)
+		}
+		switch {
+		case ev.Error != "":
+			return nil, errors.New(ev.Error)
+		case ev.Result != nil:
+			return ev.Result, nil
+		case ev.Progress != nil && progress != nil:
+			progress(*ev.Progress)
+		}
+	}
 }
 
 // Logs streams a workload's output ("stdout", "stderr" or "both") into w; with

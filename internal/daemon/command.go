@@ -73,6 +73,14 @@ Settings come from flags, then the config file (YAML, keys as the flags with
 	f.StringVar(&fc.Socket, "socket", api.DefaultSocket, "unix socket duplexctl connects to")
 	f.StringVar(&fc.CRIU, "criu", "", "CRIU binary (default $"+checkpoint.EnvCRIUPath+", then "+checkpoint.DefaultCRIUPath+", then PATH)")
 	f.StringVar(&fc.CgroupParent, "cgroup-parent", "duplex", "cgroup below which each workload gets its own")
+	f.StringVar(&fc.RunDir, "run-dir", "/run/duplex", "directory for transient migration images (tmpfs is best)")
+	f.StringVar(&fc.Name, "name", "", "this host's name in the cluster (default: the hostname)")
+	f.StringVar(&fc.Listen, "listen", "", "agent address for other hosts (mutual TLS), e.g. 10.0.0.1:7440; empty: single host")
+	f.StringVar(&fc.Advertise, "advertise", "", "agent address other hosts use (default --listen)")
+	f.StringVar(&fc.Certs, "certs", "", "this host's certificate directory ('duplexctl certs issue')")
+	f.StringSliceVar(&fc.EtcdEndpoints, "etcd-endpoints", nil, "external etcd cluster (https URLs); empty: run an embedded etcd")
+	f.StringVar(&fc.EtcdListen, "etcd-listen", "", "embedded etcd client URL (default https://ADVERTISE-IP:2379)")
+	f.StringVar(&fc.EtcdPeer, "etcd-peer", "", "embedded etcd peer URL (default http://127.0.0.1:2380)")
 	f.StringVar(&fc.LogLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&fc.LogFormat, "log-format", "text", "text or json")
 	return cmd
@@ -91,6 +99,16 @@ func merge(cmd *cobra.Command, fc, file *fileConfig) {
 	set("cgroup-parent", &fc.CgroupParent, file.CgroupParent)
 	set("log-level", &fc.LogLevel, file.LogLevel)
 	set("log-format", &fc.LogFormat, file.LogFormat)
+	set("run-dir", &fc.RunDir, file.RunDir)
+	set("name", &fc.Name, file.Name)
+	set("listen", &fc.Listen, file.Listen)
+	set("advertise", &fc.Advertise, file.Advertise)
+	set("certs", &fc.Certs, file.Certs)
+	set("etcd-listen", &fc.EtcdListen, file.EtcdListen)
+	set("etcd-peer", &fc.EtcdPeer, file.EtcdPeer)
+	if !cmd.Flags().Changed("etcd-endpoints") && len(file.EtcdEndpoints) > 0 {
+		fc.EtcdEndpoints = file.EtcdEndpoints
+	}
 }
 
 func newLogger(level, format string) (*logrus.Entry, error) {

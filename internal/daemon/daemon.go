@@ -19,6 +19,7 @@ import (
 	"github.com/duplex-ha/duplex/internal/api"
 	"github.com/duplex-ha/duplex/internal/reaper"
 	"github.com/duplex-ha/duplex/internal/workload"
+	"github.com/duplex-ha/duplex/netfail"
 )
 
 // Version is duplex's release, set at build time with -ldflags.
@@ -30,6 +31,18 @@ type Config struct {
 	Socket       string `json:"socket"`
 	CRIU         string `json:"criu"`
 	CgroupParent string `json:"cgroup_parent"`
+	// RunDir holds transient migration images (tmpfs is best).
+	RunDir string `json:"run_dir"`
+
+	// Cluster membership; Listen empty means a single host without an agent.
+	Name          string   `json:"name"`
+	Listen        string   `json:"listen"`    // agent (mutual TLS) address, e.g. 10.0.0.1:7440
+	Advertise     string   `json:"advertise"` // address other hosts use; default Listen
+	Certs         string   `json:"certs"`     // this host's certificate directory
+	EtcdEndpoints []string `json:"etcd_endpoints"`
+	EtcdListen    string   `json:"etcd_listen"` // embedded etcd client URL; default https://ADVERTISE-IP:2379
+	EtcdPeer      string   `json:"etcd_peer"`   // embedded etcd peer URL; default http://127.0.0.1:2380
+
 	// SocketMode is the permission of the socket file; only root may connect
 	// whatever it is, because the daemon checks each peer's credentials.
 	SocketMode os.FileMode `json:"-"`
@@ -49,6 +62,12 @@ func (c *Config) Defaults() {
 	if c.CgroupParent == "" {
 		c.CgroupParent = "duplex"
 	}
+	if c.RunDir == "" {
+		c.RunDir = "/run/duplex"
+	}
+	if c.Name == "" {
+		c.Name, _ = os.Hostname()
+	}
 	if c.SocketMode == 0 {
 		c.SocketMode = 0o600
 	}
@@ -56,10 +75,12 @@ func (c *Config) Defaults() {
 
 // Daemon is a running duplexd.
 type Daemon struct {
-	cfg Config
-	log *logrus.Entry
-	eng *checkpoint.Engine
-	wl  *workload.Manager
+	cfg     Config
+	log     *logrus.Entry
+	eng     *checkpoint.Engine
+	wl      *workload.Manager
+	vips    *vipController
+	cluster *clusterNode // nil on a single host
 }
 
 // Run serves until ctx ends, then stops serving and leaves the workloads running
@@ -82,10 +103,19 @@ func Run(ctx context.Context, cfg Config, log *logrus.Entry) error {
 	defer lock.Close()
 
 	eng := checkpoint.New(cfg.CRIU)
+	nf, err := netfail.New("")
+	if err != nil {
+		return fmt.Errorf("service addresses: %w", err)
+	}
+	defer nf.Close()
+	vctx, stopAnnouncing := context.WithCancel(context.Background())
+	defer stopAnnouncing()
+	vips := &vipController{m: nf, ctx: vctx}
 	wl, err := workload.New(workload.Config{
 		StateDir:     filepath.Join(cfg.StateDir, "workloads"),
 		CgroupParent: cfg.CgroupParent,
 		Checkpointer: eng,
+		VIPs:         vips,
 		Log:          log,
 	})
 	if err != nil {
@@ -93,7 +123,13 @@ func Run(ctx context.Context, cfg Config, log *logrus.Entry) error {
 	}
 	defer wl.Cleanup() // the shared cgroup parent, once empty
 	defer wl.Close()
-	d := &Daemon{cfg: cfg, log: log, eng: eng, wl: wl}
+	d := &Daemon{cfg: cfg, log: log, eng: eng, wl: wl, vips: vips}
+	if cfg.Listen != "" {
+		if d.cluster, err = d.joinCluster(ctx); err != nil {
+			return err
+		}
+		defer d.cluster.close()
+	}
 
 	ln, err := listen(cfg.Socket, cfg.SocketMode)
 	if err != nil {

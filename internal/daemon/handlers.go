@@ -16,6 +16,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/duplex-ha/duplex/checkpoint"
+	"github.com/duplex-ha/duplex/cluster"
+	"github.com/duplex-ha/duplex/migrate"
 	"github.com/duplex-ha/duplex/internal/api"
 	"github.com/duplex-ha/duplex/internal/workload"
 )
@@ -35,6 +37,8 @@ func (d *Daemon) routes() http.Handler {
 	mux.HandleFunc("POST /v1/workloads/{name}/resume", d.resume)
 	mux.HandleFunc("GET /v1/workloads/{name}/logs", d.logs)
 	mux.HandleFunc("POST /v1/restore", d.restore)
+	mux.HandleFunc("GET /v1/hosts", d.hosts)
+	mux.HandleFunc("POST /v1/workloads/{name}/migrate", d.migrate)
 	return d.rootOnly(mux)
 }
 
@@ -76,6 +80,12 @@ func (d *Daemon) fail(w http.ResponseWriter, r *http.Request, err error) {
 		code, status = api.CodeInvalid, http.StatusBadRequest
 	case errors.Is(err, workload.ErrNotRunning):
 		code, status = api.CodeNotRunning, http.StatusConflict
+	case errors.Is(err, errNoCluster):
+		code, status = api.CodeNoCluster, http.StatusConflict
+	case errors.Is(err, cluster.ErrNoHost):
+		code, status = api.CodeNotFound, http.StatusNotFound
+	case errors.Is(err, migrate.ErrStrategyUnavailable), errors.Is(err, migrate.ErrPreflight):
+		code, status = api.CodeRefused, http.StatusConflict
 	}
 	entry := d.log.WithError(err).WithField("path", r.URL.Path)
 	if status == http.StatusInternalServerError {
@@ -197,10 +207,23 @@ func (d *Daemon) restore(w http.ResponseWriter, r *http.Request) {
 		d.fail(w, r, fmt.Errorf("%w: restore: no image directory given", workload.ErrInvalid))
 		return
 	}
-	rec, res, err := d.wl.Restore(context.WithoutCancel(r.Context()), workload.RestoreOptions{Dir: req.Dir, Name: req.Name})
+	ctx := context.WithoutCancel(r.Context())
+	rec, res, err := d.wl.Restore(ctx, workload.RestoreOptions{Dir: req.Dir, Name: req.Name, BeforeRestore: func(rec workload.Record) error {
+		for _, v := range rec.VIPs { // sockets bound to them need them before CRIU runs
+			if err := d.vips.Add(ctx, v); err != nil {
+				return fmt.Errorf("service address %s: %w", v, err)
+			}
+		}
+		return nil
+	}})
 	if err != nil {
 		d.fail(w, r, err)
 		return
+	}
+	for _, v := range rec.VIPs {
+		if err := d.vips.Announce(ctx, v); err != nil {
+			d.log.WithError(err).WithField("vip", v).Warn("announcing service address")
+		}
 	}
 	writeJSON(w, http.StatusOK, api.RestoreResponse{Workload: rec, Stats: api.NewRestoreStats(res)})
 }
@@ -313,4 +336,72 @@ func copyFrom(w io.Writer, path string, off int64) (int64, error) {
 		return 0, err
 	}
 	return io.Copy(w, f)
+}
+
+var errNoCluster = errors.New("this duplexd is not part of a cluster (start it with --listen and --certs)")
+
+func (d *Daemon) hosts(w http.ResponseWriter, r *http.Request) {
+	if d.cluster == nil {
+		d.fail(w, r, errNoCluster)
+		return
+	}
+	hosts, err := d.cluster.store.Hosts(r.Context())
+	if err != nil {
+		d.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, hosts)
+}
+
+// migrate moves a workload to another host and streams its progress as JSON lines
+// (api.MigrateEvent), the last of which carries the result or the error.
+func (d *Daemon) migrate(w http.ResponseWriter, r *http.Request) {
+	var req api.MigrateRequest
+	if err := decode(r, &req); err != nil {
+		d.fail(w, r, err)
+		return
+	}
+	strategy, err := migrate.ParseStrategy(req.Strategy)
+	if err != nil {
+		d.fail(w, r, fmt.Errorf("%w: %w", workload.ErrInvalid, err))
+		return
+	}
+	if d.cluster == nil {
+		d.fail(w, r, errNoCluster)
+		return
+	}
+	name := r.PathValue("name")
+	if req.To == d.cfg.Name {
+		d.fail(w, r, fmt.Errorf("%w: %s already runs on %s", workload.ErrInvalid, name, req.To))
+		return
+	}
+	if _, err := d.wl.Get(name); err != nil {
+		d.fail(w, r, err)
+		return
+	}
+	dst, _, err := d.cluster.destination(r.Context(), req.To)
+	if err != nil {
+		d.fail(w, r, err)
+		return
+	}
+	defer dst.Close()
+
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.WriteHeader(http.StatusOK)
+	flusher, _ := w.(http.Flusher)
+	enc := json.NewEncoder(w)
+	send := func(ev api.MigrateEvent) {
+		_ = enc.Encode(ev)
+		if flusher != nil {
+			flusher.Flush()
+		}
+	}
+	// A migration runs to its end (commit or rollback) even if the client leaves.
+	res, err := d.cluster.source.Migrate(context.WithoutCancel(r.Context()), dst, migrate.Request{Workload: name, To: req.To, Strategy: strategy},
+		func(p migrate.Progress) { send(api.MigrateEvent{Progress: &p}) })
+	if err != nil {
+		send(api.MigrateEvent{Error: err.Error()})
+		return
+	}
+	send(api.MigrateEvent{Result: res})
 }

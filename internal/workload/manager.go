@@ -354,6 +354,12 @@ func (m *Manager) finish(e *entry, st State, msg string) {
 		e.pidfd = 0
 	}
 	closeOnce(e.done)
+	if e.rec.LockTable != "" {
+		if err := checkpoint.Unlock(e.rec.LockTable); err != nil {
+			m.log.WithError(err).WithField("workload", e.rec.Name).Warn("removing network lock")
+		}
+		e.rec.LockTable = ""
+	}
 	if st != Migrated {
 		m.vipsDown(e.rec.VIPs)
 	}

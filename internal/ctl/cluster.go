@@ -1,0 +1,197 @@
+package ctl
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/docker/go-units"
+	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
+
+	"github.com/duplex-ha/duplex/internal/api"
+	"github.com/duplex-ha/duplex/internal/pki"
+	"github.com/duplex-ha/duplex/migrate"
+)
+
+func (a *app) hostsCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "hosts",
+		Short: "List the cluster's live hosts",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			hosts, err := a.client().Hosts(ctxOf(cmd))
+			if err != nil {
+				return err
+			}
+			if a.json() {
+				return a.printJSON(hosts)
+			}
+			tw := a.table("NAME", "AGENT", "VERSION", "CRIU", "FEATURES", "UP")
+			for _, h := range hosts {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", h.Name, h.Agent, h.Version, h.CRIU, strings.Join(h.Features, ","), age(h.Started))
+			}
+			return tw.Flush()
+		},
+	}
+}
+
+func (a *app) migrateCmd() *cobra.Command {
+	var to, strategy string
+	cmd := &cobra.Command{
+		Use:   "migrate NAME --to HOST",
+		Short: "Move a running workload to another host, live",
+		Long: `Move the workload NAME from this host to HOST while it runs. Its service
+addresses move with it and its clients keep their TCP connections.
+
+Strategies: auto (the best both hosts support), stopcopy (freeze, stream
+everything to HOST), precopy (copy memory while it runs; needs dirty-memory
+tracking on both hosts), postcopy (run on HOST at once, memory follows; needs
+userfaultfd). A forced strategy a host cannot run is refused before anything is
+frozen. On any failure before the copy runs on HOST, the workload resumes here.`,
+		Example: "  duplexctl migrate web --to h1\n  duplexctl migrate web --to h1 --strategy stopcopy -o json",
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if to == "" {
+				return fmt.Errorf("--to is required")
+			}
+			if _, err := migrate.ParseStrategy(strategy); err != nil {
+				return err
+			}
+			bar := newProgressBar(a.stderr, !a.json())
+			res, err := a.client().Migrate(ctxOf(cmd), args[0], api.MigrateRequest{To: to, Strategy: strategy}, bar.update)
+			bar.done()
+			if err != nil {
+				return err
+			}
+			if a.json() {
+				return a.printJSON(res)
+			}
+			a.printResult(res)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&to, "to", "", "destination host (see 'duplexctl hosts')")
+	cmd.Flags().StringVar(&strategy, "strategy", "auto", "auto, stopcopy, precopy or postcopy")
+	return cmd
+}
+
+func (a *app) printResult(r *migrate.Result) {
+	fmt.Fprintf(a.stdout, "%s migrated %s -> %s (pid %d there)\n", r.Workload, r.From, r.To, r.Pid)
+	tw := a.table("STRATEGY", "FROZEN", "DOWNTIME", "MOVED", "TOTAL")
+	fmt.Fprintf(tw, "%s\t%.1f ms\t%.1f ms\t%s\t%.1f ms\n", r.Strategy, r.FrozenMS, r.DowntimeMS,
+		units.BytesSize(float64(r.PageBytes+r.ImageBytes)), r.TotalMS)
+	_ = tw.Flush()
+}
+
+// progressBar draws a migration's progress on stderr: one redrawn line on a
+// terminal, one line per phase otherwise.
+type progressBar struct {
+	w     *os.File
+	on    bool
+	tty   bool
+	start time.Time
+	last  string
+}
+
+func newProgressBar(w any, on bool) *progressBar {
+	f, _ := w.(*os.File)
+	tty := false
+	if f != nil {
+		_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+		tty = err == nil
+	}
+	return &progressBar{w: f, on: on && f != nil, tty: tty, start: time.Now()}
+}
+
+var phaseOrder = []string{migrate.PhasePreflight, migrate.PhaseFreeze, migrate.PhaseImages, migrate.PhaseRestore, migrate.PhaseCommit, migrate.PhaseDone}
+
+func (p *progressBar) update(pr migrate.Progress) {
+	if !p.on {
+		return
+	}
+	step := 0
+	for i, ph := range phaseOrder {
+		if ph == pr.Phase {
+			step = i
+		}
+	}
+	width := 20
+	filled := width * step / (len(phaseOrder) - 1)
+	bar := strings.Repeat("#", filled) + strings.Repeat(".", width-filled)
+	rate := ""
+	if s := pr.Elapsed.Seconds(); s > 0 && pr.Bytes > 0 {
+		rate = fmt.Sprintf(" %s/s", units.BytesSize(float64(pr.Bytes)/s))
+	}
+	line := fmt.Sprintf("[%s] %-12s %6.2fs %9s%s", bar, pr.Phase, pr.Elapsed.Seconds(), units.BytesSize(float64(pr.Bytes)), rate)
+	if pr.Message != "" {
+		line += "  " + pr.Message
+	}
+	if p.tty {
+		fmt.Fprintf(p.w, "\r\033[K%s", line)
+	} else if line != p.last {
+		fmt.Fprintln(p.w, line)
+	}
+	p.last = line
+}
+
+func (p *progressBar) done() {
+	if p.on && p.tty && p.last != "" {
+		fmt.Fprintln(p.w)
+	}
+}
+
+func (a *app) certsCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "certs",
+		Short: "Create the cluster CA and host certificates (mutual TLS between agents)",
+		Long: `Agents only talk to peers whose certificate the cluster CA signed, and CRIU's
+page traffic is encrypted with the same certificates. 'certs init' creates a CA;
+'certs issue' signs a host's certificate and writes the directory duplexd's
+--certs flag takes. These commands work locally and need no daemon.`,
+		Example: `  duplexctl certs init --ca /etc/duplex/ca
+  duplexctl certs issue h1 --ca /etc/duplex/ca --ip 10.0.0.11 --out /etc/duplex/certs`,
+	}
+	var caDir string
+	var validity time.Duration
+	initCmd := &cobra.Command{
+		Use:   "init --ca DIR",
+		Short: "Create a cluster CA (refuses to overwrite one)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := pki.InitCA(caDir, "duplex cluster CA", validity); err != nil {
+				return err
+			}
+			fmt.Fprintf(a.stdout, "cluster CA written to %s (keep %s secret)\n", caDir, filepath.Join(caDir, pki.CAKey))
+			return nil
+		},
+	}
+	initCmd.Flags().StringVar(&caDir, "ca", "", "directory for the CA")
+	initCmd.Flags().DurationVar(&validity, "validity", 10*365*24*time.Hour, "how long the CA is valid")
+	_ = initCmd.MarkFlagRequired("ca")
+
+	var out string
+	var ips []string
+	issueCmd := &cobra.Command{
+		Use:   "issue NAME --ca DIR --ip ADDR --out DIR",
+		Short: "Sign a host certificate",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := pki.Issue(caDir, args[0], ips, out, validity); err != nil {
+				return err
+			}
+			fmt.Fprintf(a.stdout, "certificate for %s written to %s (use duplexd --certs %s)\n", args[0], out, out)
+			return nil
+		},
+	}
+	issueCmd.Flags().StringVar(&caDir, "ca", "", "the cluster CA's directory")
+	issueCmd.Flags().StringVar(&out, "out", "", "directory for the host's certificate, key and the CA certificate")
+	issueCmd.Flags().StringSliceVar(&ips, "ip", nil, "addresses (or DNS names) the host's agent is reached at")
+	issueCmd.Flags().DurationVar(&validity, "validity", 365*24*time.Hour, "how long the certificate is valid")
+	_ = issueCmd.MarkFlagRequired("ca")
+	_ = issueCmd.MarkFlagRequired("out")
+	cmd.AddCommand(initCmd, issueCmd)
+	return cmd
+}
