@@ -17,9 +17,9 @@ import (
 
 	"github.com/duplex-ha/duplex/checkpoint"
 	"github.com/duplex-ha/duplex/cluster"
-	"github.com/duplex-ha/duplex/migrate"
 	"github.com/duplex-ha/duplex/internal/api"
 	"github.com/duplex-ha/duplex/internal/workload"
+	"github.com/duplex-ha/duplex/migrate"
 )
 
 // maxBody bounds request bodies.
