@@ -21,7 +21,7 @@ func signalContext() (context.Context, context.CancelFunc) {
 }
 
 func (a *app) runCmd() *cobra.Command {
-	var env []string
+	var env, vips []string
 	var cwd, memory string
 	var inheritEnv bool
 	cmd := &cobra.Command{
@@ -31,16 +31,19 @@ func (a *app) runCmd() *cobra.Command {
 (COMMAND is PID 1 there and leads its session) and its own cgroup; its stdout and
 stderr go to log files in duplexd's state directory ('duplexctl logs NAME').
 
+With --vip, duplexd puts the service address on the interface before the
+workload starts, announces it, and moves it along when the workload migrates.
+
 Without --env or --inherit-env the workload gets a minimal environment
 (PATH, HOME=/, LANG=C.UTF-8).`,
-		Example: `  duplexctl run web -- python3 -m http.server 8080
+		Example: `  duplexctl run web --vip 10.0.0.100/24@eth0 -- python3 -m http.server --bind 10.0.0.100 8080
   duplexctl run counter --memory 256M -- sh -c 'i=0; while :; do i=$((i+1)); echo $i; sleep 1; done'`,
 		Args: cobra.MinimumNArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if cmd.ArgsLenAtDash() != 1 {
 				return fmt.Errorf("usage: duplexctl run NAME -- COMMAND [ARGS...]")
 			}
-			spec := workload.Spec{Name: args[0], Args: args[1:], Cwd: cwd}
+			spec := workload.Spec{Name: args[0], Args: args[1:], Cwd: cwd, VIPs: vips}
 			if inheritEnv {
 				spec.Env = os.Environ()
 			}
@@ -80,6 +83,7 @@ Without --env or --inherit-env the workload gets a minimal environment
 	cmd.Flags().BoolVar(&inheritEnv, "inherit-env", false, "pass duplexctl's own environment to the workload")
 	cmd.Flags().StringVar(&cwd, "cwd", "", "working directory (default: duplexctl's current directory)")
 	cmd.Flags().StringVar(&memory, "memory", "", "memory limit, e.g. 512M or 2G")
+	cmd.Flags().StringArrayVar(&vips, "vip", nil, "service address ADDR/PREFIX@LINK that moves with the workload (repeatable)")
 	return cmd
 }
 
