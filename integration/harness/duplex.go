@@ -164,11 +164,11 @@ func (d *Duplex) Host(name string) *Daemon {
 }
 
 // Stop stops every duplexd (their workloads were stopped by the caller or die with
-// the cluster's namespaces).
+// the cluster's namespaces), h0 last: it serves the others' etcd.
 func (d *Duplex) Stop() {
-	for _, dd := range d.Hosts {
-		if dd.Proc != nil {
-			_ = dd.Proc.Stop(syscall.SIGTERM, 10*time.Second)
+	for i := len(d.Hosts) - 1; i >= 0; i-- {
+		if p := d.Hosts[i].Proc; p != nil {
+			_ = p.Stop(syscall.SIGTERM, 10*time.Second)
 		}
 	}
 }
