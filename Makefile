@@ -12,7 +12,7 @@ LDFLAGS := -X github.com/duplex-ha/duplex/internal/daemon.Version=$(VERSION) \
 TEST_FLAGS ?= -count=1 -p 2 -timeout 15m
 
 .DEFAULT_GOAL := help
-.PHONY: help deps tools build test test-unit lint bench clean
+.PHONY: help deps tools build demo test test-unit lint bench clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -27,6 +27,11 @@ $(GOTESTSUM):
 
 build: ## Build duplexd and duplexctl into bin/
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/duplexd ./cmd/duplexctl
+
+demo: deps build ## Show a live migration with a streaming client on this machine (root)
+	$(GO) build -o $(BIN)/echoserver ./integration/harness/echoserver
+	$(GO) build -o $(BIN)/demo ./integration/demo
+	$(BIN)/demo --duplexd $(BIN)/duplexd --duplexctl $(BIN)/duplexctl --echoserver $(BIN)/echoserver
 
 test: deps ## Run every test (unit and root tests with real CRIU); needs root
 	$(GOTESTSUM) --format testname -- $(TEST_FLAGS) ./...

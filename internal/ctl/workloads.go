@@ -97,7 +97,7 @@ func hasPath(env []string) bool {
 }
 
 func (a *app) psCmd() *cobra.Command {
-	var all bool
+	var all, quiet bool
 	cmd := &cobra.Command{
 		Use:     "ps",
 		Aliases: []string{"list", "ls"},
@@ -118,6 +118,12 @@ func (a *app) psCmd() *cobra.Command {
 			if a.json() {
 				return a.printJSON(shown)
 			}
+			if quiet {
+				for _, r := range shown {
+					fmt.Fprintln(a.stdout, r.Name)
+				}
+				return nil
+			}
 			tw := a.table("NAME", "STATE", "PID", "AGE", "RESTORES", "COMMAND")
 			for _, r := range shown {
 				pid := "-"
@@ -134,6 +140,7 @@ func (a *app) psCmd() *cobra.Command {
 		},
 	}
 	cmd.Flags().BoolVarP(&all, "all", "a", false, "include workloads that no longer run")
+	cmd.Flags().BoolVarP(&quiet, "quiet", "q", false, "print names only")
 	return cmd
 }
 
