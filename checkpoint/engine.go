@@ -287,6 +287,11 @@ func (e *Engine) dump(ctx context.Context, o DumpOptions, pre bool) (*DumpStats,
 		return nil, fmt.Errorf("%s %d: %w", op, o.Pid, err)
 	}
 	start := time.Now()
+	if o.PageServer != nil {
+		uctx, stop := context.WithCancel(context.Background())
+		defer stop()
+		go uncorkPageServer(uctx, s.pid, *o.PageServer)
+	}
 	// Never abort a dump half-way: CRIU's parasite code may be running inside the tree.
 	err = s.do(context.WithoutCancel(ctx), o.ImagesDir, func(c *criu.Criu) error {
 		if pre {

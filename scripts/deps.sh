@@ -22,7 +22,7 @@
 set -euo pipefail
 
 # --- Debian packages (system apt, bookworm). Add new ones here. -----------------------
-DEB_PACKAGES="nftables iproute2 procps util-linux bpftool libbpf-dev"
+DEB_PACKAGES="nftables iproute2 procps util-linux bpftool libbpf-dev iputils-ping"
 
 # --- CRIU ------------------------------------------------------------------------------
 CRIU_MIN_VERSION=4.1
