@@ -43,8 +43,11 @@ lint: ## gofmt and go vet
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 
-bench: deps ## Measure dump and restore through the engine (64 MiB, 512 MiB)
-	$(GO) test -run '^$$' -bench . -benchtime 3x -count 1 ./checkpoint/
+bench: deps build ## Migration vs the naive baseline (table + bench.json), then engine dump/restore figures
+	$(GO) build -o $(BIN)/echoserver ./integration/harness/echoserver
+	$(GO) build -o $(BIN)/bench ./integration/bench
+	$(BIN)/bench --duplexd $(BIN)/duplexd --duplexctl $(BIN)/duplexctl --echoserver $(BIN)/echoserver --out bench.json
+	$(GO) test -run '^$$' -bench . -benchtime 3x -count 1 ./checkpoint/ ./netfail/
 
 clean: ## Remove build output and leftovers of crashed test runs
 	rm -rf $(BIN)

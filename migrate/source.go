@@ -83,6 +83,9 @@ type Result struct {
 	// Destination figures.
 	RestoreMS float64 `json:"restore_ms"`
 	VIPAddMS  float64 `json:"vip_add_ms"`
+	// AnnounceMS runs from the restore's end to the first announcement of the
+	// service addresses on the destination (they answer from then on).
+	AnnounceMS float64 `json:"announce_ms"`
 	// Phases holds each phase's duration in milliseconds.
 	Phases map[string]float64 `json:"phases"`
 	Pid    int                `json:"pid"` // the workload's root on the destination
@@ -243,6 +246,7 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 	res.DowntimeMS = ms(time.Since(freeze))
 	res.RestoreMS = rr.RestoreWallMS
 	res.VIPAddMS = rr.VIPAddMS
+	res.AnnounceMS = rr.AnnounceMS
 	res.Pid = rr.Workload.Pid
 
 	// Commit: the destination runs the workload; the frozen source goes.

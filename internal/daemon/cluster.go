@@ -60,7 +60,8 @@ func (v *vipController) Announce(ctx context.Context, s string) error {
 	if err := v.m.Announce(ctx, vip, netfail.Announce{Count: 1, NoRepeat: true}); err != nil {
 		return err
 	}
-	return v.m.Announce(v.ctx, vip, netfail.Announce{Count: netfail.DefaultCount - 1})
+	go func() { _ = v.m.Announce(v.ctx, vip, netfail.Announce{Count: netfail.DefaultCount - 1}) }()
+	return nil
 }
 
 // clusterNode is this daemon's membership in a cluster: the store, its registration

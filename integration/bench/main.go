@@ -1,0 +1,370 @@
+// Command bench measures live migration between two namespace hosts, side by side
+// with the naive baseline, in one run: for each workload size and dirtying rate it
+// migrates an echo service (with a memory ballast) that a client streams through,
+// once per strategy duplex can run here and once the naive way (criu dump to a
+// directory, copy the directory, criu restore on the other host, service address
+// moved). It prints a table and writes the figures as JSON. `make bench` runs it.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/checkpoint-restore/go-criu/v7/stats"
+
+	"github.com/duplex-ha/duplex/checkpoint"
+	"github.com/duplex-ha/duplex/integration/harness"
+	"github.com/duplex-ha/duplex/migrate"
+	"github.com/duplex-ha/duplex/netfail"
+)
+
+// Row is one measured migration.
+type Row struct {
+	SizeMiB  int    `json:"size_mib"`
+	DirtyMiB int    `json:"dirty_mib_s"`
+	Method   string `json:"method"` // "baseline" or a strategy
+	// DowntimeMS: frozen until the restored copy runs on the destination with its
+	// service address answering.
+	DowntimeMS float64 `json:"downtime_ms"`
+	// GapMS: the longest pause a streaming client saw.
+	GapMS      float64 `json:"client_gap_ms"`
+	FrozenMS   float64 `json:"frozen_ms"` // CRIU's dump statistics
+	TotalMS    float64 `json:"total_ms"`
+	Bytes      int64   `json:"bytes_moved"`
+	AnnounceMS float64 `json:"vip_move_ms"` // restore done to the address announced
+	ClientErr  string  `json:"client_error,omitempty"`
+	Err        string  `json:"error,omitempty"`
+}
+
+type bench struct {
+	c         *harness.Cluster
+	d         *harness.Duplex
+	echo      string
+	criu      string
+	dir       string
+	n         int
+	rate      int
+	nf0, nf1  *netfail.Manager
+	settleFor time.Duration
+}
+
+func main() {
+	duplexd := flag.String("duplexd", "bin/duplexd", "duplexd binary")
+	duplexctl := flag.String("duplexctl", "bin/duplexctl", "duplexctl binary")
+	echo := flag.String("echoserver", "bin/echoserver", "echo server binary")
+	sizes := flag.String("sizes", "64,512,2048", "workload sizes in MiB")
+	dirty := flag.String("dirty", "0,20", "dirtying rates in MiB/s")
+	out := flag.String("out", "bench.json", "where to write the figures as JSON")
+	flag.Parse()
+	rows, err := run(*duplexd, *duplexctl, *echo, ints(*sizes), ints(*dirty))
+	if len(rows) > 0 {
+		printTable(rows)
+		b, _ := json.MarshalIndent(rows, "", "  ")
+		if werr := os.WriteFile(*out, append(b, '\n'), 0o644); werr != nil {
+			fmt.Fprintln(os.Stderr, "bench:", werr)
+		} else {
+			fmt.Printf("\nfigures written to %s\n", *out)
+		}
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "bench: %s\n", err)
+		os.Exit(1)
+	}
+}
+
+func ints(s string) []int {
+	var out []int
+	for _, f := range strings.Split(s, ",") {
+		if n, err := strconv.Atoi(strings.TrimSpace(f)); err == nil {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+func run(duplexd, duplexctl, echo string, sizes, dirty []int) ([]Row, error) {
+	if os.Geteuid() != 0 {
+		return nil, fmt.Errorf("needs root")
+	}
+	for _, p := range []*string{&duplexd, &duplexctl, &echo} {
+		abs, err := filepath.Abs(*p)
+		if err != nil {
+			return nil, err
+		}
+		*p = abs
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	c, err := harness.New(ctx, harness.Options{Prefix: "dpxbench", Hosts: 2, Clients: 1})
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	dir, err := os.MkdirTemp("/dev/shm", "duplex-bench-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	os.Chmod(dir, 0o755)
+	cg := filepath.Base(dir)
+	defer func() {
+		for _, root := range []string{"/sys/fs/cgroup/memory", "/sys/fs/cgroup/unified"} {
+			subs, _ := os.ReadDir(filepath.Join(root, cg))
+			for _, s := range subs {
+				if s.IsDir() {
+					os.Remove(filepath.Join(root, cg, s.Name()))
+				}
+			}
+			os.Remove(filepath.Join(root, cg))
+		}
+	}()
+	d, err := harness.StartDuplex(ctx, c, harness.DuplexOptions{Duplexd: duplexd, Duplexctl: duplexctl, Dir: dir, CgroupParent: cg,
+		// The run directory is tmpfs, like the baseline's image directories.
+		Extra: nil})
+	if err != nil {
+		return nil, err
+	}
+	defer d.Stop()
+	b := &bench{c: c, d: d, echo: echo, criu: checkpoint.FindCRIU(), dir: dir, rate: 200 << 10, settleFor: time.Second}
+	if b.nf0, err = netfail.New(c.Hosts[0].NSPath); err != nil {
+		return nil, err
+	}
+	defer b.nf0.Close()
+	if b.nf1, err = netfail.New(c.Hosts[1].NSPath); err != nil {
+		return nil, err
+	}
+	defer b.nf1.Close()
+
+	var rows []Row
+	for _, size := range sizes {
+		for _, dr := range dirty {
+			for _, method := range []string{"baseline", string(migrate.StopCopy)} {
+				fmt.Fprintf(os.Stderr, "bench: %d MiB, dirtying %d MiB/s, %s ...\n", size, dr, method)
+				r := b.one(ctx, size, dr, method)
+				if r.Err != "" {
+					fmt.Fprintf(os.Stderr, "bench:   failed: %s\n", r.Err)
+				}
+				rows = append(rows, r)
+				if ctx.Err() != nil {
+					return rows, ctx.Err()
+				}
+			}
+		}
+	}
+	return rows, nil
+}
+
+// one runs a single measured migration from h0 to h1.
+func (b *bench) one(ctx context.Context, size, dirty int, method string) (row Row) {
+	row = Row{SizeMiB: size, DirtyMiB: dirty, Method: method}
+	b.n++
+	name := fmt.Sprintf("svc%d", b.n)
+	h0, h1, client := b.d.Hosts[0], b.d.Hosts[1], b.c.Clients[0]
+	vip := b.c.VIP(b.n % 50)
+	vipSpec := vip.String() + "@eth0"
+	addr := netip.AddrPortFrom(vip.Addr(), 9000)
+	fail := func(err error) Row {
+		row.Err = err.Error()
+		return row
+	}
+	if _, err := h0.Ctl(ctx, "run", name, "--vip", vipSpec, "--env", "GODEBUG=multipathtcp=0", "--",
+		b.echo, "-listen", addr.String(), "-ballast", strconv.Itoa(size), "-dirty", strconv.Itoa(dirty)); err != nil {
+		return fail(err)
+	}
+	defer func() {
+		_, _ = h0.Ctl(context.Background(), "stop", "--timeout", "0s", name)
+		_, _ = h1.Ctl(context.Background(), "stop", "--timeout", "0s", name)
+		_, _ = h0.Ctl(context.Background(), "rm", name)
+		_, _ = h1.Ctl(context.Background(), "rm", name)
+	}()
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		out, _ := h0.Ctl(ctx, "logs", name)
+		if strings.Contains(out, "LISTENING") {
+			break
+		}
+		if time.Now().After(deadline) {
+			return fail(fmt.Errorf("the service did not start: %s", out))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	s, err := harness.StartStream(ctx, client, addr, b.rate, 2048)
+	if err != nil {
+		return fail(err)
+	}
+	time.Sleep(b.settleFor)
+	if st := s.Stats(); st.Err != nil || st.BytesVerified == 0 {
+		s.Stop()
+		return fail(fmt.Errorf("stream before migration: %+v", st))
+	}
+	gapBefore := s.Stats().MaxGap
+
+	if method == "baseline" {
+		var cleanup func()
+		cleanup, err = b.baseline(ctx, name, vip, &row)
+		if cleanup != nil {
+			defer cleanup()
+		}
+	} else {
+		err = b.duplex(ctx, name, method, &row)
+	}
+	time.Sleep(b.settleFor)
+	st := s.Stop()
+	row.GapMS = ms(st.MaxGap)
+	if st.MaxGap < gapBefore {
+		row.GapMS = ms(gapBefore)
+	}
+	if st.Err != nil {
+		row.ClientErr = st.Err.Error()
+	}
+	if err != nil {
+		return fail(err)
+	}
+	return row
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+func (b *bench) duplex(ctx context.Context, name, strategy string, row *Row) error {
+	out, err := b.d.Hosts[0].Ctl(ctx, "migrate", name, "--to", "h1", "--strategy", strategy, "-o", "json")
+	if err != nil {
+		return err
+	}
+	var r migrate.Result
+	if err := json.Unmarshal([]byte(out), &r); err != nil {
+		return err
+	}
+	row.DowntimeMS, row.FrozenMS, row.TotalMS = r.DowntimeMS, r.FrozenMS, r.TotalMS
+	row.Bytes = r.PageBytes + r.ImageBytes
+	row.AnnounceMS = r.AnnounceMS
+	return nil
+}
+
+// baseline migrates the naive way: criu dump to a directory, copy it, criu restore on
+// the other host, then the address moves.
+func (b *bench) baseline(ctx context.Context, name string, vip netip.Prefix, row *Row) (cleanup func(), err error) {
+	h0, h1 := b.c.Hosts[0], b.c.Hosts[1]
+	rec, err := b.d.Hosts[0].Ctl(ctx, "ps", "-o", "json")
+	if err != nil {
+		return nil, err
+	}
+	var recs []struct {
+		Name string `json:"name"`
+		Pid  int    `json:"pid"`
+	}
+	if err := json.Unmarshal([]byte(rec), &recs); err != nil {
+		return nil, err
+	}
+	pid := 0
+	for _, r := range recs {
+		if r.Name == name {
+			pid = r.Pid
+		}
+	}
+	if pid == 0 {
+		return nil, fmt.Errorf("%s not running on h0", name)
+	}
+	src, dst := filepath.Join(b.dir, name+"-dump"), filepath.Join(b.dir, name+"-copy")
+	defer os.RemoveAll(src)
+	defer os.RemoveAll(dst)
+	if err := os.MkdirAll(src, 0o700); err != nil {
+		return nil, err
+	}
+	v := netfail.VIP{Addr: vip, Link: "eth0"}
+
+	start := time.Now()
+	if out, err := h0.Command(ctx, b.criu, "dump", "-t", strconv.Itoa(pid), "-D", src, "-o", "dump.log",
+		"--tcp-established", "--network-lock", "nftables", "--manage-cgroups", "--file-locks").CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("criu dump: %w: %s", err, out)
+	}
+	if out, err := exec.CommandContext(ctx, "cp", "-a", src, dst).CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("copy: %w: %s", err, out)
+	}
+	if err := b.nf0.Remove(ctx, v); err != nil {
+		return nil, err
+	}
+	if err := b.nf1.Add(ctx, v); err != nil {
+		return nil, err
+	}
+	pidfile := filepath.Join(b.dir, name+".pid")
+	if out, err := h1.Command(ctx, b.criu, "restore", "-D", dst, "-o", "restore.log", "-d", "--pidfile", pidfile,
+		"--tcp-established", "--network-lock", "nftables", "--manage-cgroups", "--file-locks").CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("criu restore: %w: %s", err, out)
+	}
+	restored := time.Now()
+	if err := b.nf1.Announce(ctx, v, netfail.Announce{Count: 1, NoRepeat: true}); err != nil {
+		return nil, err
+	}
+	end := time.Now()
+	row.DowntimeMS = ms(end.Sub(start))
+	row.TotalMS = row.DowntimeMS
+	row.AnnounceMS = ms(end.Sub(restored))
+	if d, err := os.Open(src); err == nil {
+		if st, err := stats.CriuGetDumpStats(d); err == nil {
+			row.FrozenMS = float64(st.GetFrozenTime()) / 1000
+		}
+		d.Close()
+	}
+	row.Bytes = dirSize(src)
+	// The restored copy is nobody's workload: once measured, end it and take its
+	// address back.
+	return func() {
+		if b, err := os.ReadFile(pidfile); err == nil {
+			if p, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
+				_ = syscall.Kill(p, syscall.SIGKILL)
+			}
+		}
+		_ = b.nf1.Remove(context.Background(), v)
+	}, nil
+}
+
+func dirSize(dir string) int64 {
+	var n int64
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		if i, err := e.Info(); err == nil && i.Mode().IsRegular() {
+			n += i.Size()
+		}
+	}
+	return n
+}
+
+func printTable(rows []Row) {
+	base := map[[2]int]Row{}
+	for _, r := range rows {
+		if r.Method == "baseline" && r.Err == "" {
+			base[[2]int{r.SizeMiB, r.DirtyMiB}] = r
+		}
+	}
+	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "size\tdirty\tmethod\tdowntime ms\tvs baseline\tclient gap ms\tfrozen ms\ttotal ms\tmoved MiB\tVIP move ms\tclient\t")
+	for _, r := range rows {
+		ratio := "-"
+		if bl, ok := base[[2]int{r.SizeMiB, r.DirtyMiB}]; ok && r.Method != "baseline" && r.DowntimeMS > 0 {
+			ratio = fmt.Sprintf("%.2fx faster", bl.DowntimeMS/r.DowntimeMS)
+		}
+		client := "ok"
+		if r.ClientErr != "" {
+			client = "BROKEN"
+		}
+		if r.Err != "" {
+			fmt.Fprintf(tw, "%d MiB\t%d MiB/s\t%s\tfailed: %s\t\t\t\t\t\t\t\t\n", r.SizeMiB, r.DirtyMiB, r.Method, r.Err)
+			continue
+		}
+		fmt.Fprintf(tw, "%d MiB\t%d MiB/s\t%s\t%.0f\t%s\t%.0f\t%.0f\t%.0f\t%.1f\t%.2f\t%s\t\n",
+			r.SizeMiB, r.DirtyMiB, r.Method, r.DowntimeMS, ratio, r.GapMS, r.FrozenMS, r.TotalMS, float64(r.Bytes)/(1<<20), r.AnnounceMS, client)
+	}
+	tw.Flush()
+}
