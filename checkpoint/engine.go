@@ -113,6 +113,11 @@ type DumpOptions struct {
 
 	// PageServer sends memory pages to a page server instead of ImagesDir.
 	PageServer *Address
+	// PageServerConn, when set, is a connected stream socket (one end of a socket
+	// pair) that CRIU uses as its page-server connection instead of dialling
+	// PageServer: the caller carries the pages, e.g. through its own TLS tunnel.
+	// CRIU then runs as a command, since go-criu cannot pass it descriptors.
+	PageServerConn *os.File
 	// Lazy leaves memory pages on this host, served from Lazy's address to the
 	// destination's lazy-pages daemon. The dump returns once every page was served.
 	Lazy *Address
@@ -278,6 +283,9 @@ func (e *Engine) dump(ctx context.Context, o DumpOptions, pre bool) (*DumpStats,
 	if err := prepareDir(o.ImagesDir); err != nil {
 		return nil, err
 	}
+	if o.PageServerConn != nil {
+		return e.dumpCommand(ctx, o, op, logName)
+	}
 	opts, err := o.rpcOpts(logName)
 	if err != nil {
 		return nil, fmt.Errorf("%s %d: %w", op, o.Pid, err)
@@ -303,6 +311,11 @@ func (e *Engine) dump(ctx context.Context, o DumpOptions, pre bool) (*DumpStats,
 	if err != nil {
 		return nil, criuError(op, err, filepath.Join(o.ImagesDir, logName))
 	}
+	return finishDump(o, logName, wall), nil
+}
+
+// finishDump collects a successful dump's statistics and network lock.
+func finishDump(o DumpOptions, logName string, wall time.Duration) *DumpStats {
 	st, err := readDumpStats(o.ImagesDir)
 	if err != nil {
 		st = &DumpStats{} // stats are best effort
@@ -311,7 +324,7 @@ func (e *Engine) dump(ctx context.Context, o DumpOptions, pre bool) (*DumpStats,
 	if o.TCPEstablished && o.NetworkLock == LockNFTables {
 		st.LockTable = lockTable(o.ImagesDir, filepath.Join(o.ImagesDir, logName))
 	}
-	return st, nil
+	return st
 }
 
 // Restore brings back the tree checkpointed in o.ImagesDir. The restored root

@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/duplex-ha/duplex/checkpoint"
 	"github.com/duplex-ha/duplex/internal/testutil"
 )
@@ -284,4 +286,55 @@ func TestDiscardAfterRestore(t *testing.T) {
 	if left := lockTables(t); strings.Contains(left, st.LockTable) {
 		t.Errorf("network lock %s left", st.LockTable)
 	}
+}
+
+// SocketPair returns two connected stream sockets.
+func socketPair(t *testing.T) (*os.File, *os.File) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return os.NewFile(uintptr(fds[0]), "a"), os.NewFile(uintptr(fds[1]), "b")
+}
+
+// A dump whose page traffic goes through a connection the caller provides (the
+// migration engine's own tunnel) reaches a page server serving the other end.
+func TestPageServerOverGivenConnection(t *testing.T) {
+	eng := testutil.RequiresCRIU(t)
+	rec := launch(t, "tunnelled", "counter")
+	grows(t, rec.Stdout, "counter output")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	src, dst := t.TempDir(), t.TempDir()
+	a, b := socketPair(t)
+	defer a.Close()
+	defer b.Close()
+	ps, err := eng.StartPageServer(ctx, checkpoint.PageServerOptions{ImagesDir: dst, Conn: a})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ps.Stop()
+	st, err := eng.Dump(ctx, checkpoint.DumpOptions{Pid: rec.Pid, ImagesDir: src, ManageCgroups: true, LeaveStopped: true, PageServerConn: b})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ps.Wait(ctx); err != nil {
+		t.Fatalf("page server: %v", err)
+	}
+	if hasPages(src) || !hasPages(dst) || st.PagesWritten == 0 {
+		t.Fatalf("pages: source %v, destination %v, written %d", hasPages(src), hasPages(dst), st.PagesWritten)
+	}
+	if st.FrozenTime > 150*time.Millisecond {
+		t.Logf("note: frozen %s", st.FrozenTime)
+	}
+	copyMissing(t, src, dst)
+	if err := checkpoint.Discard(rec.Pid, st.LockTable); err != nil {
+		t.Fatal(err)
+	}
+	res, err := eng.Restore(ctx, checkpoint.RestoreOptions{ImagesDir: dst, ManageCgroups: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer killChild(res.Pid)
+	grows(t, rec.Stdout, "the restored counter to count")
 }

@@ -26,15 +26,19 @@ type PageServerOptions struct {
 	Port      int    // 0 picks a free port
 	TLS       *TLS
 	LogLevel  int
+	// Conn, when set, is a connected stream socket the page server serves instead
+	// of listening on Address:Port (--ps-socket): the caller carries the pages.
+	Conn *os.File
 }
 
 // PageServer is a running CRIU page server. It writes the pages one dump sends to its
 // images directory and exits when that dump closes the connection.
 type PageServer struct {
 	Pid     int
-	Port    int
+	Port    int // 0 when it serves a connection it was given
 	LogPath string
 	pidfd   int
+	done    chan error // set when it runs as our child command
 }
 
 // StartPageServer starts a CRIU page server in the background.
@@ -44,6 +48,9 @@ func (e *Engine) StartPageServer(ctx context.Context, o PageServerOptions) (*Pag
 	}
 	if err := prepareDir(o.ImagesDir); err != nil {
 		return nil, err
+	}
+	if o.Conn != nil {
+		return e.pageServerCommand(o)
 	}
 	opts := &rpc.CriuOpts{
 		ImagesDirFd: proto.Int32(-1),
@@ -70,13 +77,58 @@ func (e *Engine) StartPageServer(ctx context.Context, o PageServerOptions) (*Pag
 	return &PageServer{Pid: pid, Port: port, LogPath: logPath, pidfd: fd}, nil
 }
 
-// Wait blocks until the page server exits or ctx ends.
+// pageServerCommand runs `criu page-server --ps-socket 3` on o.Conn.
+func (e *Engine) pageServerCommand(o PageServerOptions) (*PageServer, error) {
+	if o.TLS != nil {
+		return nil, errors.New("page server on a given connection: the caller's tunnel provides the encryption, not CRIU")
+	}
+	cmd := exec.Command(e.Path(), "page-server", "-D", o.ImagesDir, "-o", PageServerLog,
+		"-v"+strconv.Itoa(int(logLevel(o.LogLevel))), "--ps-socket", "3")
+	cmd.ExtraFiles = []*os.File{o.Conn}
+	logPath := filepath.Join(o.ImagesDir, PageServerLog)
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start page server: %w", err)
+	}
+	p := &PageServer{Pid: cmd.Process.Pid, LogPath: logPath, pidfd: -1, done: make(chan error, 1)}
+	go func() {
+		err := cmd.Wait()
+		if err != nil {
+			err = criuError("page-server", err, logPath)
+		}
+		p.done <- err
+	}()
+	return p, nil
+}
+
+// Wait blocks until the page server exits or ctx ends. For a page server on a
+// given connection it returns the server's failure, if any.
 func (p *PageServer) Wait(ctx context.Context) error {
+	if p.done != nil {
+		select {
+		case err := <-p.done:
+			p.done <- err
+			return err
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 	return waitPidfd(ctx, p.pidfd)
 }
 
 // Stop kills the page server and releases it.
 func (p *PageServer) Stop() error {
+	if p.done != nil {
+		select {
+		case err := <-p.done: // already gone: nothing to kill
+			p.done <- err
+			return nil
+		default:
+		}
+		_ = unix.Kill(p.Pid, unix.SIGKILL)
+		err := <-p.done
+		p.done <- err
+		return nil
+	}
 	if p.pidfd < 0 {
 		return nil
 	}

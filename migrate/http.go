@@ -10,6 +10,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"strings"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -59,6 +60,9 @@ func Handler(t *Target) http.Handler {
 	mux.HandleFunc("PUT "+agentPrefix+"/migrations/{id}/images", func(w http.ResponseWriter, r *http.Request) {
 		resp, err := t.SendImages(r.Context(), r.PathValue("id"), r.Body)
 		reply(w, t, resp, err)
+	})
+	mux.HandleFunc("POST "+agentPrefix+"/migrations/{id}/pages", func(w http.ResponseWriter, r *http.Request) {
+		servePages(w, r, t)
 	})
 	mux.HandleFunc("POST "+agentPrefix+"/migrations/{id}/restore", func(w http.ResponseWriter, r *http.Request) {
 		// A restore runs to its end even if the caller goes away; Abort undoes it.
@@ -110,6 +114,53 @@ func writeWire(w http.ResponseWriter, status int, v any) {
 	_ = json.NewEncoder(w).Encode(v)
 }
 
+// pagesProtocol is the Upgrade token of the page channel.
+const pagesProtocol = "duplex-pages/1"
+
+// servePages turns the request's connection into the migration's page channel: the
+// HTTP/1.1 connection is upgraded and from then on carries the page-server protocol
+// in both directions, inside the agents' TLS session.
+func servePages(w http.ResponseWriter, r *http.Request, t *Target) {
+	if !strings.EqualFold(r.Header.Get("Upgrade"), pagesProtocol) {
+		writeWire(w, http.StatusBadRequest, wireError{Message: "the page channel needs Upgrade: " + pagesProtocol, Code: codeInternal})
+		return
+	}
+	channel, err := t.Pages(r.Context(), r.PathValue("id"))
+	if err != nil {
+		reply(w, t, nil, err)
+		return
+	}
+	hj, ok := w.(http.Hijacker)
+	if !ok {
+		channel.Close()
+		writeWire(w, http.StatusInternalServerError, wireError{Message: "connection cannot be upgraded", Code: codeInternal})
+		return
+	}
+	conn, brw, err := hj.Hijack()
+	if err != nil {
+		channel.Close()
+		return
+	}
+	_, _ = brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: " + pagesProtocol + "\r\n\r\n")
+	if err := brw.Flush(); err != nil {
+		conn.Close()
+		channel.Close()
+		return
+	}
+	done := make(chan struct{})
+	go func() { // source -> page server (bytes the client sent early sit in brw)
+		_, _ = io.Copy(channel, brw)
+		if cw, ok := channel.(interface{ CloseWrite() error }); ok {
+			_ = cw.CloseWrite()
+		}
+		close(done)
+	}()
+	_, _ = io.Copy(conn, channel) // page server -> source, until it exits
+	conn.Close()
+	<-done
+	channel.Close()
+}
+
 // Client is a Destination on another host, reached over mutual TLS.
 type Client struct {
 	base string
@@ -118,8 +169,38 @@ type Client struct {
 
 // NewClient returns a Destination for the agent at addr (host:port).
 func NewClient(addr string, tlsConf *tls.Config) *Client {
-	tr := &http.Transport{TLSClientConfig: tlsConf, ForceAttemptHTTP2: true, IdleConnTimeout: time.Minute}
+	// HTTP/1.1 only: the page channel is an upgraded connection.
+	tr := &http.Transport{TLSClientConfig: tlsConf, IdleConnTimeout: time.Minute,
+		TLSNextProto: map[string]func(string, *tls.Conn) http.RoundTripper{}}
 	return &Client{base: "https://" + addr + agentPrefix, http: &http.Client{Transport: tr}}
+}
+
+// Pages implements Destination: an upgraded connection to the agent.
+func (c *Client) Pages(ctx context.Context, id string) (io.ReadWriteCloser, error) {
+	req, err := http.NewRequestWithContext(context.WithoutCancel(ctx), http.MethodPost, c.base+"/migrations/"+url.PathEscape(id)+"/pages", nil)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Connection", "Upgrade")
+	req.Header.Set("Upgrade", pagesProtocol)
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		defer resp.Body.Close()
+		var we wireError
+		if json.NewDecoder(resp.Body).Decode(&we) == nil && we.Message != "" {
+			return nil, errors.New(we.Message)
+		}
+		return nil, fmt.Errorf("page channel: %s", resp.Status)
+	}
+	rw, ok := resp.Body.(io.ReadWriteCloser)
+	if !ok {
+		resp.Body.Close()
+		return nil, errors.New("page channel: the connection was not upgraded")
+	}
+	return rw, nil
 }
 
 // Close releases the client's connections.

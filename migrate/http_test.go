@@ -60,7 +60,6 @@ func serve(t *testing.T, p *pair, f pki.Files) string {
 func TestMigrateOverMutualTLS(t *testing.T) {
 	p := newPair(t)
 	fa, fb, _ := certs(t)
-	p.src.TLS, p.dst.TLS = criuTLS(fa), criuTLS(fb)
 	addr := serve(t, p, fb)
 	rec := p.run(t, "counter", "counter")
 	growing(t, rec.Stdout, "counting on a")

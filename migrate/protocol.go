@@ -7,7 +7,6 @@ import (
 	"regexp"
 	"time"
 
-	"github.com/duplex-ha/duplex/checkpoint"
 	"github.com/duplex-ha/duplex/internal/workload"
 )
 
@@ -30,6 +29,10 @@ type Destination interface {
 	// Prepare runs the destination's pre-flight checks and starts the page server
 	// the source's dump sends memory to. Nothing is frozen yet.
 	Prepare(ctx context.Context, req PrepareRequest) (PrepareResponse, error)
+	// Pages opens the migration's page channel: a byte stream to and from the
+	// destination's page server, carried inside the agents' mutual-TLS connection.
+	// The source's CRIU speaks the page-server protocol through it.
+	Pages(ctx context.Context, id string) (io.ReadWriteCloser, error)
 	// SendImages receives the non-memory images (see WriteImages).
 	SendImages(ctx context.Context, id string, r io.Reader) (Received, error)
 	// Restore brings the service addresses up, restores the workload, and then
@@ -52,9 +55,11 @@ type PrepareRequest struct {
 	Memory    uint64          `json:"memory"`               // resident bytes of the tree
 }
 
-// PrepareResponse tells the source where to send memory.
+// PrepareResponse acknowledges a prepared migration.
 type PrepareResponse struct {
-	PageServer checkpoint.Address `json:"page_server"`
+	// PageServer names the destination's page server for logs; memory travels
+	// through Pages, never to a listening port.
+	PageServer string `json:"page_server"`
 }
 
 // Received reports an image stream the destination accepted.

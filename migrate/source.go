@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -32,7 +33,6 @@ type Source struct {
 	WorkDir   string // where the dump's non-memory images go before they are sent (tmpfs is best)
 	Workloads LocalWorkloads
 	VIPs      workload.VIPController
-	TLS       *checkpoint.TLS // page-server encryption; nil for none
 	Caps      func(ctx context.Context) (Capabilities, error)
 	Log       *logrus.Entry
 }
@@ -116,16 +116,20 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 	res := &Result{ID: newID(req.Workload), Workload: req.Workload, From: s.Host, To: req.To, Phases: map[string]float64{}}
 	phaseStart := start
 	phase := PhasePreflight
+	var pmu sync.Mutex // progress is called from the page channel's ticker too
+	emit := func(p Progress) {
+		pmu.Lock()
+		defer pmu.Unlock()
+		if progress != nil {
+			progress(p)
+		}
+	}
 	report := func(next string, bytes int64, msg string) {
 		res.Phases[phase] += ms(time.Since(phaseStart))
 		phase, phaseStart = next, time.Now()
-		if progress != nil {
-			progress(Progress{Workload: req.Workload, Phase: next, Elapsed: time.Since(start), Bytes: bytes, Message: msg})
-		}
+		emit(Progress{Workload: req.Workload, Phase: next, Elapsed: time.Since(start), Bytes: bytes, Message: msg})
 	}
-	if progress != nil {
-		progress(Progress{Workload: req.Workload, Phase: PhasePreflight})
-	}
+	emit(Progress{Workload: req.Workload, Phase: PhasePreflight})
 	log := s.log().WithFields(logrus.Fields{"workload": req.Workload, "to": req.To, "migration": res.ID})
 
 	// Pre-flight: nothing is frozen until both ends agreed.
@@ -150,27 +154,52 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 	}
 	res.Strategy = strategy
 	files, mem := treeFilesAndMemory(rec.Pid)
-	prep, err := dst.Prepare(ctx, PrepareRequest{ID: res.ID, Workload: rec, Strategy: strategy, Source: srcCaps, OpenFiles: files, Memory: mem})
-	if err != nil {
+	if _, err := dst.Prepare(ctx, PrepareRequest{ID: res.ID, Workload: rec, Strategy: strategy, Source: srcCaps, OpenFiles: files, Memory: mem}); err != nil {
 		return nil, fmt.Errorf("migrate %s to %s: %w", rec.Name, req.To, err)
 	}
 	dir := filepath.Join(s.WorkDir, res.ID)
 	defer os.RemoveAll(dir)
 
-	// Freeze and dump; memory goes straight to the destination's page server.
+	// The page channel: CRIU speaks the page-server protocol on one end of a socket
+	// pair, we carry the other end's bytes to the destination's page server.
+	pages, err := dst.Pages(ctx, res.ID)
+	if err != nil {
+		_ = dst.Abort(context.WithoutCancel(ctx), res.ID)
+		return nil, fmt.Errorf("migrate %s: open the page channel to %s: %w", rec.Name, req.To, err)
+	}
+	criuEnd, tunnel, err := carry(pages)
+	if err != nil {
+		_ = dst.Abort(context.WithoutCancel(ctx), res.ID)
+		return nil, fmt.Errorf("migrate %s: %w", rec.Name, err)
+	}
+
+	// Freeze and dump; memory streams to the destination while CRIU dumps it.
 	report(PhaseFreeze, 0, fmt.Sprintf("strategy %s, %d MiB resident", strategy, mem>>20))
 	freeze := time.Now()
+	stopTicker := tunnel.tick(func(n int64) {
+		emit(Progress{Workload: req.Workload, Phase: PhaseFreeze, Elapsed: time.Since(start), Bytes: n})
+	})
 	st, err := s.Workloads.Checkpoint(ctx, rec.Name, workload.CheckpointOptions{
 		Dir: dir, LeaveStopped: true, TCPEstablished: true, NetworkLock: checkpoint.LockNFTables,
-		PageServer: &prep.PageServer, TLS: s.TLS,
+		PageServerConn: criuEnd,
 	})
+	criuEnd.Close()
+	stopTicker()
+	if terr := tunnel.wait(10 * time.Second); err == nil && terr != nil {
+		err = fmt.Errorf("page channel: %w", terr)
+		if st != nil { // the dump itself succeeded: the tree is frozen and must resume
+			_ = dst.Abort(context.WithoutCancel(ctx), res.ID)
+			_, _ = s.Workloads.Resume(rec.Name)
+			return nil, fmt.Errorf("migrate %s (rolled back, still running on %s): %w", rec.Name, s.Host, err)
+		}
+	}
 	if err != nil {
 		// CRIU resumed the tree itself; the destination has nothing to undo but its page server.
 		_ = dst.Abort(context.WithoutCancel(ctx), res.ID)
 		return nil, fmt.Errorf("migrate %s: %w", rec.Name, err)
 	}
 	res.FrozenMS = ms(st.FrozenTime)
-	res.PageBytes = int64(st.PagesWritten) * 4096
+	res.PageBytes = tunnel.bytes()
 
 	// From here on, any failure before the restore succeeded rolls back.
 	vipsDown := false

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -15,6 +16,7 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
 
 	"github.com/duplex-ha/duplex/checkpoint"
 	"github.com/duplex-ha/duplex/internal/workload"
@@ -35,7 +37,6 @@ type Target struct {
 	Engine    *checkpoint.Engine
 	Workloads Workloads
 	VIPs      workload.VIPController
-	TLS       *checkpoint.TLS // page-server encryption; nil for none
 	Limits    Limits
 	// Caps returns this host's capabilities.
 	Caps func(ctx context.Context) (Capabilities, error)
@@ -49,6 +50,7 @@ type incoming struct {
 	req      PrepareRequest
 	dir      string
 	ps       *checkpoint.PageServer
+	tunnel   *os.File // our end of the page server's connection; nil once handed out
 	images   bool
 	restored bool
 	vips     []string // addresses added here
@@ -114,14 +116,50 @@ func (t *Target) Prepare(ctx context.Context, req PrepareRequest) (PrepareRespon
 	if err := os.MkdirAll(in.dir, 0o700); err != nil {
 		return fail(fmt.Errorf("prepare %s: %w", req.ID, err))
 	}
-	ps, err := t.Engine.StartPageServer(ctx, checkpoint.PageServerOptions{ImagesDir: in.dir, Address: t.Addr, TLS: t.TLS})
+	// The page server listens on nothing: it serves one end of a socket pair whose
+	// other end the source reaches through Pages.
+	criuEnd, ours, err := socketPair()
 	if err != nil {
 		return fail(fmt.Errorf("prepare %s: %w", req.ID, err))
 	}
-	in.ps = ps
+	ps, err := t.Engine.StartPageServer(ctx, checkpoint.PageServerOptions{ImagesDir: in.dir, Conn: criuEnd})
+	criuEnd.Close() // the page server holds its own copy
+	if err != nil {
+		ours.Close()
+		return fail(fmt.Errorf("prepare %s: %w", req.ID, err))
+	}
+	in.ps, in.tunnel = ps, ours
 	t.put(in)
-	t.log().WithFields(logrus.Fields{"migration": req.ID, "workload": req.Workload.Name, "port": ps.Port}).Info("prepared incoming migration")
-	return PrepareResponse{PageServer: checkpoint.Address{Host: t.Addr, Port: ps.Port}}, nil
+	t.log().WithFields(logrus.Fields{"migration": req.ID, "workload": req.Workload.Name, "page_server": ps.Pid}).Info("prepared incoming migration")
+	return PrepareResponse{PageServer: fmt.Sprintf("%s pid %d", t.Host, ps.Pid)}, nil
+}
+
+// socketPair returns two connected stream sockets.
+func socketPair() (*os.File, *os.File, error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, err
+	}
+	return os.NewFile(uintptr(fds[0]), "criu-pages"), os.NewFile(uintptr(fds[1]), "pages"), nil
+}
+
+// Pages implements Destination: it hands out the page server's connection, once.
+func (t *Target) Pages(ctx context.Context, id string) (io.ReadWriteCloser, error) {
+	in, err := t.get(id)
+	if err != nil {
+		return nil, err
+	}
+	defer t.put(in)
+	if in.tunnel == nil {
+		return nil, fmt.Errorf("migration %s: page channel already open", id)
+	}
+	c, err := net.FileConn(in.tunnel)
+	in.tunnel.Close()
+	in.tunnel = nil
+	if err != nil {
+		return nil, fmt.Errorf("migration %s: page channel: %w", id, err)
+	}
+	return c, nil
 }
 
 // preflight checks everything it can before the source freezes anything.
@@ -303,6 +341,9 @@ func (t *Target) Abort(ctx context.Context, id string) error {
 func (t *Target) drop(in *incoming) {
 	if in.ps != nil {
 		_ = in.ps.Stop()
+	}
+	if in.tunnel != nil {
+		in.tunnel.Close()
 	}
 	_ = os.RemoveAll(in.dir)
 	t.mu.Lock()

@@ -14,7 +14,6 @@ import (
 
 	"github.com/sirupsen/logrus"
 
-	"github.com/duplex-ha/duplex/checkpoint"
 	"github.com/duplex-ha/duplex/cluster"
 	"github.com/duplex-ha/duplex/internal/pki"
 	"github.com/duplex-ha/duplex/migrate"
@@ -143,17 +142,16 @@ func (d *Daemon) joinCluster(ctx context.Context) (*clusterNode, error) {
 		return nil, err
 	}
 
-	criuTLS := &checkpoint.TLS{CACert: n.files.CA, Cert: n.files.Cert, Key: n.files.Key, NoCNVerify: true}
 	caps := func(ctx context.Context) (migrate.Capabilities, error) {
 		return migrate.HostCapabilities(ctx, cfg.Name, d.eng)
 	}
 	target := &migrate.Target{
 		Host: cfg.Name, Addr: host, WorkDir: filepath.Join(cfg.RunDir, "incoming"),
-		Engine: d.eng, Workloads: d.wl, VIPs: d.vips, TLS: criuTLS, Caps: caps, Log: d.log.WithField("role", "destination"),
+		Engine: d.eng, Workloads: d.wl, VIPs: d.vips, Caps: caps, Log: d.log.WithField("role", "destination"),
 	}
 	n.source = &migrate.Source{
 		Host: cfg.Name, WorkDir: filepath.Join(cfg.RunDir, "outgoing"), Workloads: d.wl, VIPs: d.vips,
-		TLS: criuTLS, Caps: caps, Log: d.log.WithField("role", "source"),
+		Caps: caps, Log: d.log.WithField("role", "source"),
 	}
 	for _, dir := range []string{target.WorkDir, n.source.WorkDir} {
 		if err := os.MkdirAll(dir, 0o700); err != nil {

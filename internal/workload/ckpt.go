@@ -38,6 +38,8 @@ type CheckpointOptions struct {
 	// destination) instead of Dir; TLS encrypts them.
 	PageServer *checkpoint.Address
 	TLS        *checkpoint.TLS
+	// PageServerConn carries the pages over a connection the caller provides.
+	PageServerConn *os.File
 }
 
 // Checkpoint dumps a running workload into opts.Dir. Unless told to leave it running
@@ -102,6 +104,7 @@ func (m *Manager) Checkpoint(ctx context.Context, name string, opts CheckpointOp
 		FileLocks:      true,
 		PageServer:     opts.PageServer,
 		TLS:            opts.TLS,
+		PageServerConn: opts.PageServerConn,
 	})
 	if err != nil {
 		_ = os.Remove(filepath.Join(dir, MetaFile))
