@@ -26,7 +26,17 @@ func (e *Engine) dumpCommand(ctx context.Context, o DumpOptions, op, logName str
 		return nil, errors.New("lazy dumps cannot use a page-server connection")
 	}
 	args := []string{op, "-t", strconv.Itoa(o.Pid), "-D", o.ImagesDir, "-o", logName, "-v" + strconv.Itoa(int(logLevel(o.LogLevel))),
-		"--page-server", "--ps-socket", "3"}
+		"--ps-socket", "3"}
+	if o.LazyConn {
+		// CRIU's page server for lazy pages asks for a 3.2 MiB pipe and ignores the
+		// refusal a host without CAP_SYS_RESOURCE gives below fs.pipe-max-size.
+		if err := EnsurePipeMaxSize(LazyPipeSize); err != nil {
+			return nil, fmt.Errorf("%s: %w", op, err)
+		}
+		args = append(args, "--lazy-pages", "--status-fd", "4")
+	} else {
+		args = append(args, "--page-server")
+	}
 	flag := func(on bool, f string) {
 		if on {
 			args = append(args, f)
@@ -56,12 +66,38 @@ func (e *Engine) dumpCommand(ctx context.Context, o DumpOptions, op, logName str
 	}
 	cmd := exec.Command(e.Path(), args...)
 	cmd.ExtraFiles = []*os.File{o.PageServerConn}
+	var statusR *os.File
+	if o.LazyConn {
+		r, w, err := os.Pipe()
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", op, err)
+		}
+		statusR = r
+		defer r.Close()
+		cmd.ExtraFiles = append(cmd.ExtraFiles, w)
+		defer w.Close()
+	}
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	start := time.Now()
 	// Like every dump, it runs to its end whatever ctx says.
-	err := cmd.Run()
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("%s: start %s: %w", op, e.Path(), err)
+	}
+	if statusR != nil {
+		cmd.ExtraFiles[1].Close() // only CRIU writes the status
+		go func() {
+			b := make([]byte, 1)
+			if n, _ := statusR.Read(b); n == 1 && o.Ready != nil {
+				o.Ready()
+			}
+		}()
+	}
+	err := cmd.Wait()
 	wall := time.Since(start)
+	if err == nil && o.Ready != nil && statusR == nil {
+		o.Ready()
+	}
 	if err != nil {
 		if msg := strings.TrimSpace(out.String()); msg != "" {
 			err = fmt.Errorf("%w: %s", err, msg)
@@ -69,4 +105,26 @@ func (e *Engine) dumpCommand(ctx context.Context, o DumpOptions, op, logName str
 		return nil, criuError(op, err, filepath.Join(o.ImagesDir, logName))
 	}
 	return finishDump(o, logName, wall), nil
+}
+
+// LazyPipeSize is the pipe size CRIU's lazy page server asks for, rounded up to
+// what the kernel grants (a power of two of pages).
+const LazyPipeSize = 4 << 20
+
+const pipeMaxSizePath = "/proc/sys/fs/pipe-max-size"
+
+// EnsurePipeMaxSize raises fs.pipe-max-size to at least n bytes (it never lowers it).
+func EnsurePipeMaxSize(n int) error {
+	b, err := os.ReadFile(pipeMaxSizePath)
+	if err != nil {
+		return fmt.Errorf("read %s: %w", pipeMaxSizePath, err)
+	}
+	cur, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err == nil && cur >= n {
+		return nil
+	}
+	if err := os.WriteFile(pipeMaxSizePath, []byte(strconv.Itoa(n)), 0o644); err != nil {
+		return fmt.Errorf("raise %s to %d (lazy pages need it): %w", pipeMaxSizePath, n, err)
+	}
+	return nil
 }

@@ -118,6 +118,14 @@ type DumpOptions struct {
 	// PageServer: the caller carries the pages, e.g. through its own TLS tunnel.
 	// CRIU then runs as a command, since go-criu cannot pass it descriptors.
 	PageServerConn *os.File
+	// LazyConn makes the dump lazy (post-copy): CRIU writes every image but the
+	// memory, then serves the pages over PageServerConn to the destination's
+	// lazy-pages daemon and returns once all were served. The tree stays frozen
+	// until then and is killed after (unless LeaveStopped).
+	LazyConn bool
+	// Ready, if set, is called once the images are complete (for a lazy dump: when
+	// CRIU starts serving pages), so that they can be sent while the dump goes on.
+	Ready func()
 	// Lazy leaves memory pages on this host, served from Lazy's address to the
 	// destination's lazy-pages daemon. The dump returns once every page was served.
 	Lazy *Address

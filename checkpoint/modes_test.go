@@ -338,3 +338,57 @@ func TestPageServerOverGivenConnection(t *testing.T) {
 	defer killChild(res.Pid)
 	grows(t, rec.Stdout, "the restored counter to count")
 }
+
+// Post-copy over a connection the caller carries: the restored copy runs before its
+// memory arrived, then the lazy-pages daemon pulls every page from the frozen source.
+func TestLazyDumpOverConnection(t *testing.T) {
+	eng := testutil.RequiresCRIU(t, checkpoint.FeatureUFFDNonCoop)
+	rec := launch(t, "lazyconn", "hog", "32M")
+	testutil.Eventually(t, 30*time.Second, "the hog to fill its memory", func() bool {
+		b, _ := os.ReadFile(rec.Stdout)
+		return strings.Contains(string(b), "READY")
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	src, dst := t.TempDir(), t.TempDir()
+	a, b := socketPair(t)
+	defer a.Close()
+	defer b.Close()
+	ready := make(chan struct{})
+	dumped := make(chan error, 1)
+	go func() {
+		_, err := eng.Dump(ctx, checkpoint.DumpOptions{Pid: rec.Pid, ImagesDir: src, ManageCgroups: true,
+			PageServerConn: b, LazyConn: true, Ready: func() { close(ready) }})
+		dumped <- err
+	}()
+	select {
+	case <-ready:
+	case err := <-dumped:
+		t.Fatalf("lazy dump ended before serving: %v", err)
+	}
+	if names := copyMissing(t, src, dst); len(names) == 0 {
+		t.Fatal("no images to copy")
+	}
+	lp, err := eng.StartLazyPages(ctx, checkpoint.LazyPagesOptions{ImagesDir: dst, Conn: a})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lp.Stop()
+	start := time.Now()
+	res, err := eng.Restore(ctx, checkpoint.RestoreOptions{ImagesDir: dst, ManageCgroups: true, LazyPages: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("lazy restore took %s", time.Since(start))
+	defer killChild(res.Pid)
+	if err := lp.Wait(ctx); err != nil {
+		t.Fatalf("lazy-pages daemon: %v", err)
+	}
+	if err := <-dumped; err != nil {
+		t.Fatalf("lazy dump: %v", err)
+	}
+	testutil.Eventually(t, 10*time.Second, "the restored hog's memory", func() bool { return rssKiB(res.Pid) >= 32*1024 })
+	if s := procState(rec.Pid); s != 0 && s != 'Z' {
+		t.Errorf("source still exists after its pages were served (state %c)", s)
+	}
+}

@@ -171,6 +171,9 @@ type LazyPagesOptions struct {
 	Source   *Address
 	TLS      *TLS
 	LogLevel int
+	// Conn, when set, is a connected stream socket to the source's lazy page
+	// server (--ps-socket): the caller carries the pages.
+	Conn *os.File
 }
 
 // LazyPages is a running `criu lazy-pages` daemon. A restore with
@@ -190,7 +193,10 @@ func (e *Engine) StartLazyPages(ctx context.Context, o LazyPagesOptions) (*LazyP
 	}
 	args := []string{"lazy-pages", "-D", o.ImagesDir, "-W", o.ImagesDir,
 		"-v" + strconv.Itoa(int(logLevel(o.LogLevel))), "-o", LazyPagesLog}
-	if o.Source != nil {
+	switch {
+	case o.Conn != nil:
+		args = append(args, "--page-server", "--ps-socket", "3")
+	case o.Source != nil:
 		args = append(args, "--page-server", "--address", o.Source.Host, "--port", strconv.Itoa(o.Source.Port))
 	}
 	if o.TLS != nil {
@@ -199,6 +205,9 @@ func (e *Engine) StartLazyPages(ctx context.Context, o LazyPagesOptions) (*LazyP
 	sock := filepath.Join(o.ImagesDir, "lazy-pages.socket")
 	_ = os.Remove(sock)
 	cmd := exec.Command(e.Path(), args...)
+	if o.Conn != nil {
+		cmd.ExtraFiles = []*os.File{o.Conn}
+	}
 	logPath := filepath.Join(o.ImagesDir, LazyPagesLog)
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start lazy-pages: %w", err)

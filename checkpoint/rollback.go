@@ -23,6 +23,12 @@ import (
 
 var lockTableRe = regexp.MustCompile(`inet (CRIU-[0-9a-zA-Z-]+)`)
 
+// LockTableOf returns the network-lock table of the dump in imagesDir ("" if none
+// is in place), for when the dump's statistics are not at hand (a dump that failed).
+func LockTableOf(imagesDir string) string {
+	return lockTable(imagesDir, filepath.Join(imagesDir, DumpLog))
+}
+
 // lockTable finds the nftables table a dump locked the network with. CRIU names it
 // after the dump's run id (truncated), which it records in inventory.img; the log
 // names it too when the tree had connections to lock.

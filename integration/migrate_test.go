@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/duplex-ha/duplex/checkpoint"
 	"github.com/duplex-ha/duplex/integration/harness"
 	"github.com/duplex-ha/duplex/internal/testutil"
 	"github.com/duplex-ha/duplex/internal/workload"
@@ -135,6 +136,15 @@ func TestMigrateCounterBetweenHosts(t *testing.T) {
 }
 
 func TestMigrateKeepsClientConnection(t *testing.T) {
+	for _, strategy := range []string{"stopcopy", "postcopy"} {
+		t.Run(strategy, func(t *testing.T) { keepsClientConnection(t, strategy) })
+	}
+}
+
+func keepsClientConnection(t *testing.T, strategy string) {
+	if strategy == "postcopy" {
+		testutil.RequiresCRIU(t, checkpoint.FeatureUFFDNonCoop)
+	}
 	c, d := twoHosts(t)
 	h0, h1, client := d.Hosts[0], d.Hosts[1], c.Clients[0]
 	vip := c.VIP(0)
@@ -156,7 +166,10 @@ func TestMigrateKeepsClientConnection(t *testing.T) {
 		t.Fatalf("client resolves the VIP to %s before migration, want h0's %s", mac, h0.Node.MAC)
 	}
 
-	out := must(t, h0, "migrate", "echo", "--to", "h1")
+	out := must(t, h0, "migrate", "echo", "--to", "h1", "--strategy", strategy)
+	if !strings.Contains(out, strategy) {
+		t.Errorf("summary does not name the strategy:\n%s", out)
+	}
 	t.Logf("migrate:\n%s", out)
 	before := s.Stats().BytesVerified
 	testutil.Eventually(t, 10*time.Second, "stream traffic after migration", func() bool { return s.Stats().BytesVerified > before+256<<10 })
@@ -183,7 +196,7 @@ func TestMigrateRefusalsAndRollback(t *testing.T) {
 	}{
 		{[]string{"migrate", "sleeper", "--to", "h9"}, "no such host"},
 		{[]string{"migrate", "ghost", "--to", "h1"}, "no such workload"},
-		{[]string{"migrate", "sleeper", "--to", "h1", "--strategy", "precopy"}, "strategy unavailable"},
+		{[]string{"migrate", "sleeper", "--to", "h1", "--strategy", "precopy"}, "strategy unavailable: precopy"},
 		{[]string{"migrate", "sleeper", "--to", "h1", "--strategy", "teleport"}, "unknown strategy"},
 		{[]string{"migrate", "sleeper", "--to", "h0"}, "already runs on h0"},
 	} {

@@ -295,3 +295,116 @@ func TestPreflightRefusals(t *testing.T) {
 		t.Errorf("source after refusals: %s", a.State)
 	}
 }
+
+func (p *pair) hog(t *testing.T, name, size string) workload.Record {
+	t.Helper()
+	rec := p.run(t, name, "hog", size)
+	testutil.Eventually(t, 60*time.Second, "the hog to fill its memory", func() bool {
+		b, _ := os.ReadFile(rec.Stdout)
+		return strings.Contains(string(b), "READY")
+	})
+	return rec
+}
+
+func rssKiB(pid int) int {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		var kb int
+		if _, err := fmt.Sscanf(l, "VmRSS: %d kB", &kb); err == nil {
+			return kb
+		}
+	}
+	return 0
+}
+
+func TestMigratePostCopy(t *testing.T) {
+	p := newPair(t)
+	testutil.RequiresCRIU(t, checkpoint.FeatureUFFDNonCoop)
+	rec := p.hog(t, "hog", "64M")
+	var phases []string
+	res, err := p.src.Migrate(context.Background(), p.dst, migrate.Request{Workload: "hog", To: "b", Strategy: migrate.PostCopy},
+		func(pr migrate.Progress) {
+			if len(phases) == 0 || phases[len(phases)-1] != pr.Phase {
+				phases = append(phases, pr.Phase)
+			}
+		})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("post-copy: downtime %.1f ms, frozen (until the last page) %.1f ms, total %.1f ms, pages %d bytes, images %d bytes, restore %.1f ms, phases %v", res.DowntimeMS, res.FrozenMS, res.TotalMS, res.PageBytes, res.ImageBytes, res.RestoreMS, res.Phases)
+	if res.Strategy != migrate.PostCopy || res.PageBytes < 60<<20 {
+		t.Errorf("result %+v", res)
+	}
+	if !strings.Contains(strings.Join(phases, ","), migrate.PhasePages) {
+		t.Errorf("phases %v lack %s", phases, migrate.PhasePages)
+	}
+	a, _ := p.a.Get("hog")
+	b, _ := p.b.Get("hog")
+	if a.State != workload.Migrated || b.State != workload.Running || alive(rec.Pid) {
+		t.Fatalf("after post-copy: a %s (source alive %v), b %s", a.State, alive(rec.Pid), b.State)
+	}
+	if kb := rssKiB(b.Pid); kb < 64*1024 {
+		t.Errorf("restored copy holds %d KiB, want all 64 MiB", kb)
+	}
+	if p.liveCopies("hog") != 1 {
+		t.Errorf("%d live copies", p.liveCopies("hog"))
+	}
+}
+
+// breaking cuts the page channel after limit bytes went out.
+type breaking struct {
+	migrate.Destination
+	limit int64
+}
+
+func (d breaking) Pages(ctx context.Context, id string) (io.ReadWriteCloser, error) {
+	c, err := d.Destination.Pages(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	return &cutter{ReadWriteCloser: c, left: d.limit}, nil
+}
+
+type cutter struct {
+	io.ReadWriteCloser
+	mu   sync.Mutex
+	left int64
+}
+
+func (c *cutter) Write(b []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.left <= 0 {
+		c.ReadWriteCloser.Close()
+		return 0, errors.New("link down")
+	}
+	c.left -= int64(len(b))
+	return c.ReadWriteCloser.Write(b)
+}
+
+// The page transfer of a post-copy migration breaks after the copy started on the
+// destination: the incomplete copy is stopped there and the source resumes.
+func TestPostCopyTransferBreaks(t *testing.T) {
+	p := newPair(t)
+	testutil.RequiresCRIU(t, checkpoint.FeatureUFFDNonCoop)
+	rec := p.hog(t, "hog", "64M")
+	_, err := p.src.Migrate(context.Background(), breaking{p.dst, 8 << 20}, migrate.Request{Workload: "hog", To: "b", Strategy: migrate.PostCopy}, nil)
+	if err == nil {
+		t.Fatal("migration succeeded over a broken page channel")
+	}
+	t.Logf("error: %v", err)
+	testutil.Eventually(t, 10*time.Second, "the destination to stop its copy", func() bool {
+		r, err := p.b.Get("hog")
+		return err != nil || r.State != workload.Running
+	})
+	a, _ := p.a.Get("hog")
+	if a.State != workload.Running || !alive(rec.Pid) {
+		t.Fatalf("source after the failed post-copy: %s, alive %v", a.State, alive(rec.Pid))
+	}
+	if n := p.liveCopies("hog"); n != 1 {
+		t.Errorf("%d live copies", n)
+	}
+}

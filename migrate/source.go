@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -50,6 +51,7 @@ const (
 	PhaseFreeze    = "freeze+dump" // frozen; memory streams to the destination's page server
 	PhaseImages    = "images"      // the rest of the images travel
 	PhaseRestore   = "restore"     // VIP ready, restore, VIP announced on the destination
+	PhasePages     = "pages"       // post-copy: the copy runs, memory follows
 	PhaseCommit    = "commit"
 	PhaseRollback  = "rollback"
 	PhaseDone      = "done"
@@ -124,9 +126,12 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 			progress(p)
 		}
 	}
+	var current atomic.Value // the phase, for the page channel's ticker
+	current.Store(PhasePreflight)
 	report := func(next string, bytes int64, msg string) {
 		res.Phases[phase] += ms(time.Since(phaseStart))
 		phase, phaseStart = next, time.Now()
+		current.Store(next)
 		emit(Progress{Workload: req.Workload, Phase: next, Elapsed: time.Since(start), Bytes: bytes, Message: msg})
 	}
 	emit(Progress{Workload: req.Workload, Phase: PhasePreflight})
@@ -148,12 +153,12 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 	if err != nil {
 		return nil, fmt.Errorf("migrate %s: reach %s: %w", rec.Name, req.To, err)
 	}
-	strategy, err := Choose(req.Strategy, srcCaps, dstCaps)
+	files, mem := treeFilesAndMemory(rec.Pid)
+	strategy, err := Choose(req.Strategy, srcCaps, dstCaps, mem)
 	if err != nil {
 		return nil, fmt.Errorf("migrate %s: %w", rec.Name, err)
 	}
 	res.Strategy = strategy
-	files, mem := treeFilesAndMemory(rec.Pid)
 	if _, err := dst.Prepare(ctx, PrepareRequest{ID: res.ID, Workload: rec, Strategy: strategy, Source: srcCaps, OpenFiles: files, Memory: mem}); err != nil {
 		return nil, fmt.Errorf("migrate %s to %s: %w", rec.Name, req.To, err)
 	}
@@ -173,33 +178,60 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 		return nil, fmt.Errorf("migrate %s: %w", rec.Name, err)
 	}
 
-	// Freeze and dump; memory streams to the destination while CRIU dumps it.
+	// Freeze and dump. Stop-and-copy streams the memory to the destination while
+	// CRIU dumps it; post-copy leaves it here, served to the destination on demand
+	// once the copy runs there.
 	report(PhaseFreeze, 0, fmt.Sprintf("strategy %s, %d MiB resident", strategy, mem>>20))
 	freeze := time.Now()
 	stopTicker := tunnel.tick(func(n int64) {
-		emit(Progress{Workload: req.Workload, Phase: PhaseFreeze, Elapsed: time.Since(start), Bytes: n})
+		emit(Progress{Workload: req.Workload, Phase: current.Load().(string), Elapsed: time.Since(start), Bytes: n})
 	})
-	st, err := s.Workloads.Checkpoint(ctx, rec.Name, workload.CheckpointOptions{
-		Dir: dir, LeaveStopped: true, TCPEstablished: true, NetworkLock: checkpoint.LockNFTables,
-		PageServerConn: criuEnd,
-	})
-	criuEnd.Close()
-	stopTicker()
-	if terr := tunnel.wait(10 * time.Second); err == nil && terr != nil {
-		err = fmt.Errorf("page channel: %w", terr)
-		if st != nil { // the dump itself succeeded: the tree is frozen and must resume
+	defer stopTicker()
+	postCopy := strategy == PostCopy
+	var dumped chan dumpResult // post-copy: the lazy dump's end, after the last page
+	if postCopy {
+		ready := make(chan struct{})
+		dumped = make(chan dumpResult, 1)
+		go func() {
+			// Left stopped, not killed, after the last page: only the destination knows
+			// whether every page arrived, and until it says so this is the one
+			// complete copy.
+			st, err := s.Workloads.Checkpoint(context.WithoutCancel(ctx), rec.Name, workload.CheckpointOptions{
+				Dir: dir, LeaveStopped: true, TCPEstablished: true, NetworkLock: checkpoint.LockNFTables,
+				PageServerConn: criuEnd, LazyConn: true, Ready: func() { close(ready) },
+			})
+			criuEnd.Close()
+			dumped <- dumpResult{st, err}
+		}()
+		select {
+		case <-ready:
+		case r := <-dumped:
+			dumped <- r
+			_ = tunnel.wait(10 * time.Second)
+			_ = dst.Abort(context.WithoutCancel(ctx), res.ID)
+			s.unlockResumed(rec, dir)
+			return nil, fmt.Errorf("migrate %s: %w", rec.Name, r.err)
+		}
+	} else {
+		st, err := s.Workloads.Checkpoint(ctx, rec.Name, workload.CheckpointOptions{
+			Dir: dir, LeaveStopped: true, TCPEstablished: true, NetworkLock: checkpoint.LockNFTables,
+			PageServerConn: criuEnd,
+		})
+		criuEnd.Close()
+		if terr := tunnel.wait(10 * time.Second); err == nil && terr != nil {
+			// The dump itself succeeded: the tree is frozen and must resume.
 			_ = dst.Abort(context.WithoutCancel(ctx), res.ID)
 			_, _ = s.Workloads.Resume(rec.Name)
-			return nil, fmt.Errorf("migrate %s (rolled back, still running on %s): %w", rec.Name, s.Host, err)
+			return nil, fmt.Errorf("migrate %s (rolled back, still running on %s): page channel: %w", rec.Name, s.Host, terr)
 		}
+		if err != nil {
+			// CRIU resumed the tree itself; the destination has nothing to undo but its page server.
+			_ = dst.Abort(context.WithoutCancel(ctx), res.ID)
+			return nil, fmt.Errorf("migrate %s: %w", rec.Name, err)
+		}
+		res.FrozenMS = ms(st.FrozenTime)
+		res.PageBytes = tunnel.bytes()
 	}
-	if err != nil {
-		// CRIU resumed the tree itself; the destination has nothing to undo but its page server.
-		_ = dst.Abort(context.WithoutCancel(ctx), res.ID)
-		return nil, fmt.Errorf("migrate %s: %w", rec.Name, err)
-	}
-	res.FrozenMS = ms(st.FrozenTime)
-	res.PageBytes = tunnel.bytes()
 
 	// From here on, any failure before the restore succeeded rolls back.
 	vipsDown := false
@@ -214,7 +246,24 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 				}
 			}
 		}
-		if _, err := s.Workloads.Resume(rec.Name); err != nil {
+		if postCopy {
+			// Cancelling the destination ends the lazy dump. Had it served every page,
+			// the tree is frozen; had it failed, CRIU resumed the tree but left its
+			// connections locked.
+			select {
+			case r := <-dumped:
+				dumped <- r
+				if r.err == nil {
+					if _, err := s.Workloads.Resume(rec.Name); err != nil {
+						errs = append(errs, err)
+					}
+				} else {
+					s.unlockResumed(rec, dir)
+				}
+			case <-time.After(30 * time.Second):
+				errs = append(errs, errors.New("the lazy dump did not end"))
+			}
+		} else if _, err := s.Workloads.Resume(rec.Name); err != nil {
 			errs = append(errs, err)
 		}
 		if vipsDown {
@@ -278,10 +327,36 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 	res.AnnounceMS = rr.AnnounceMS
 	res.Pid = rr.Workload.Pid
 
-	// Commit: the destination runs the workload; the frozen source goes.
-	report(PhaseCommit, res.PageBytes+res.ImageBytes, "")
-	if _, err := s.Workloads.Discard(rec.Name, req.To); err != nil {
-		log.WithError(err).Warn("discarding the migrated source")
+	if postCopy {
+		// The copy runs on the destination; its memory follows from the frozen source.
+		report(PhasePages, tunnel.bytes(), "the workload runs on "+req.To+"; memory follows")
+		r := <-dumped
+		dumped <- r
+		res.PageBytes = tunnel.bytes()
+		res.FrozenMS = ms(time.Since(freeze)) // frozen here until the last page left
+		if r.err == nil {
+			// Every page left; the destination says whether every page arrived.
+			report(PhaseCommit, res.PageBytes+res.ImageBytes, "")
+			r.err = dst.Commit(context.WithoutCancel(ctx), res.ID)
+		}
+		if r.err != nil {
+			// The copy there lacks pages: the destination stops it, ours resumes.
+			_ = abortWithRetry(context.WithoutCancel(ctx), dst, res.ID)
+			return rollback(fmt.Errorf("post-copy transfer failed after the copy started on %s (stopped there; its clients' connections may have been reset): %w", req.To, r.err))
+		}
+		if _, err := s.Workloads.Discard(rec.Name, req.To); err != nil {
+			log.WithError(err).Warn("discarding the migrated source")
+		}
+		res.TotalMS = ms(time.Since(start))
+		report(PhaseDone, res.PageBytes+res.ImageBytes, "")
+		log.WithFields(logrus.Fields{"downtime_ms": res.DowntimeMS, "bytes": res.PageBytes + res.ImageBytes}).Info("workload migrated (post-copy)")
+		return res, nil
+	} else {
+		// Commit: the destination runs the workload; the frozen source goes.
+		report(PhaseCommit, res.PageBytes+res.ImageBytes, "")
+		if _, err := s.Workloads.Discard(rec.Name, req.To); err != nil {
+			log.WithError(err).Warn("discarding the migrated source")
+		}
 	}
 	if err := dst.Commit(context.WithoutCancel(ctx), res.ID); err != nil {
 		log.WithError(err).Warn("destination did not acknowledge the commit")
@@ -290,6 +365,19 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 	report(PhaseDone, res.PageBytes+res.ImageBytes, "")
 	log.WithFields(logrus.Fields{"downtime_ms": res.DowntimeMS, "frozen_ms": res.FrozenMS, "bytes": res.PageBytes + res.ImageBytes}).Info("workload migrated")
 	return res, nil
+}
+
+type dumpResult struct {
+	st  *checkpoint.DumpStats
+	err error
+}
+
+// unlockResumed frees a tree that a failed lazy dump resumed with its connections
+// still locked (CRIU unlocks only on a failure before the pages are served).
+func (s *Source) unlockResumed(rec workload.Record, dir string) {
+	if err := checkpoint.Rollback(rec.Pid, checkpoint.LockTableOf(dir)); err != nil {
+		s.log().WithError(err).WithField("workload", rec.Name).Warn("unlocking the resumed source")
+	}
 }
 
 func abortWithRetry(ctx context.Context, dst Destination, id string) error {

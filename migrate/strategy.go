@@ -55,7 +55,7 @@ type Capabilities struct {
 }
 
 // implemented are the strategies this build can drive end to end.
-var implemented = []Strategy{StopCopy}
+var implemented = []Strategy{StopCopy, PostCopy}
 
 // needs lists the CRIU features each strategy needs on both ends.
 var needs = map[Strategy][]string{
@@ -64,9 +64,18 @@ var needs = map[Strategy][]string{
 	StopCopy: nil,
 }
 
-// Choose picks the strategy for a migration from src to dst. A forced strategy one
-// end cannot run is refused with ErrStrategyUnavailable and the reason.
-func Choose(want Strategy, src, dst Capabilities) (Strategy, error) {
+// PostCopyAbove is the resident size from which auto prefers post-copy over
+// stop-and-copy: below it a stop-and-copy freeze is short, and it never risks the
+// workload on the network (a post-copy transfer that breaks loses the pages not yet
+// moved).
+const PostCopyAbove = 512 << 20
+
+// Choose picks the strategy for a migration from src to dst of a workload with the
+// given resident memory. A forced strategy one end cannot run is refused with
+// ErrStrategyUnavailable and the reason. Auto prefers pre-copy (short freeze, no
+// risk), then stop-and-copy for small workloads, then post-copy (downtime that does
+// not grow with memory), then stop-and-copy.
+func Choose(want Strategy, src, dst Capabilities, memory uint64) (Strategy, error) {
 	usable := func(s Strategy) error {
 		for _, c := range []Capabilities{src, dst} {
 			if !slices.Contains(c.Implemented, s) {
@@ -90,9 +99,11 @@ func Choose(want Strategy, src, dst Capabilities) (Strategy, error) {
 		}
 		return want, nil
 	}
-	// Post-copy's downtime does not grow with memory; pre-copy's final dump is small;
-	// stop-and-copy works everywhere.
-	for _, s := range []Strategy{PostCopy, PreCopy, StopCopy} {
+	order := []Strategy{PreCopy, StopCopy}
+	if memory >= PostCopyAbove {
+		order = []Strategy{PreCopy, PostCopy, StopCopy}
+	}
+	for _, s := range order {
 		if usable(s) == nil {
 			return s, nil
 		}

@@ -24,14 +24,14 @@ func TestChoose(t *testing.T) {
 		got      Strategy
 		err      error
 	}{
-		{"auto prefers post-copy", Auto, caps("a", uffd, dirty), caps("b", uffd, dirty), PostCopy, nil},
-		{"auto falls back to pre-copy", Auto, caps("a", dirty), caps("b", uffd, dirty), PreCopy, nil},
+		{"auto prefers pre-copy", Auto, caps("a", uffd, dirty), caps("b", uffd, dirty), PreCopy, nil},
+		{"auto: small workload without dirty tracking", Auto, caps("a", uffd), caps("b", uffd), StopCopy, nil},
 		{"auto falls back to stop-and-copy", Auto, caps("a", uffd), caps("b", dirty), StopCopy, nil},
 		{"forced stop-and-copy", StopCopy, caps("a"), caps("b"), StopCopy, nil},
 		{"forced pre-copy without dirty tracking", PreCopy, caps("a", dirty), caps("b"), "", ErrStrategyUnavailable},
 		{"forced post-copy without uffd", PostCopy, caps("a"), caps("b", uffd), "", ErrStrategyUnavailable},
 	} {
-		got, err := Choose(tc.want, tc.src, tc.dst)
+		got, err := Choose(tc.want, tc.src, tc.dst, 64<<20)
 		if got != tc.got || !errors.Is(err, tc.err) {
 			t.Errorf("%s: Choose = %q, %v; want %q, %v", tc.name, got, err, tc.got, tc.err)
 		}
@@ -39,11 +39,19 @@ func TestChoose(t *testing.T) {
 	// A strategy this build has not implemented is refused with that reason.
 	a, b := caps("a", dirty), caps("b", dirty)
 	a.Implemented = []Strategy{StopCopy}
-	if _, err := Choose(PreCopy, a, b); !errors.Is(err, ErrStrategyUnavailable) {
+	if _, err := Choose(PreCopy, a, b, 0); !errors.Is(err, ErrStrategyUnavailable) {
 		t.Errorf("unimplemented pre-copy: %v", err)
 	}
-	if s, err := Choose(Auto, a, b); s != StopCopy || err != nil {
+	if s, err := Choose(Auto, a, b, 0); s != StopCopy || err != nil {
 		t.Errorf("auto with only stop-and-copy implemented: %q, %v", s, err)
+	}
+	// A large workload without dirty tracking goes post-copy, a small one stop-and-copy.
+	big, small := uint64(PostCopyAbove), uint64(PostCopyAbove-1)
+	if s, _ := Choose(Auto, caps("a", uffd), caps("b", uffd), big); s != PostCopy {
+		t.Errorf("auto for a large workload: %q, want post-copy", s)
+	}
+	if s, _ := Choose(Auto, caps("a", uffd), caps("b", uffd), small); s != StopCopy {
+		t.Errorf("auto for a small workload: %q, want stop-and-copy", s)
 	}
 }
 

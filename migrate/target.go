@@ -50,7 +50,10 @@ type incoming struct {
 	req      PrepareRequest
 	dir      string
 	ps       *checkpoint.PageServer
-	tunnel   *os.File // our end of the page server's connection; nil once handed out
+	tunnel   *os.File // our end of the page channel; nil once handed out
+	lazyEnd  *os.File // post-copy: CRIU's end, for the lazy-pages daemon at restore
+	lazy     *checkpoint.LazyPages
+	lazyDone chan error // post-copy: the daemon's outcome, once it ends
 	images   bool
 	restored bool
 	vips     []string // addresses added here
@@ -122,6 +125,13 @@ func (t *Target) Prepare(ctx context.Context, req PrepareRequest) (PrepareRespon
 	if err != nil {
 		return fail(fmt.Errorf("prepare %s: %w", req.ID, err))
 	}
+	if req.Strategy == PostCopy {
+		// The source serves the pages; our lazy-pages daemon fetches them at restore.
+		in.lazyEnd, in.tunnel = criuEnd, ours
+		t.put(in)
+		t.log().WithFields(logrus.Fields{"migration": req.ID, "workload": req.Workload.Name}).Info("prepared incoming post-copy migration")
+		return PrepareResponse{PageServer: t.Host + " lazy-pages"}, nil
+	}
 	ps, err := t.Engine.StartPageServer(ctx, checkpoint.PageServerOptions{ImagesDir: in.dir, Conn: criuEnd})
 	criuEnd.Close() // the page server holds its own copy
 	if err != nil {
@@ -174,7 +184,7 @@ func (t *Target) preflight(ctx context.Context, req PrepareRequest) error {
 	if err != nil {
 		return fmt.Errorf("%w: %s cannot report its capabilities: %w", ErrPreflight, t.Host, err)
 	}
-	if _, err := Choose(req.Strategy, req.Source, caps); err != nil {
+	if _, err := Choose(req.Strategy, req.Source, caps, req.Memory); err != nil {
 		problems = append(problems, err.Error())
 	}
 	if need := req.Memory + req.Memory/10; caps.MemAvailable > 0 && need > caps.MemAvailable {
@@ -252,12 +262,23 @@ func (t *Target) Restore(ctx context.Context, id string) (RestoreResponse, error
 	if in.restored {
 		return RestoreResponse{}, fmt.Errorf("migration %s: already restored", id)
 	}
-	// The page server ends when the dump closes its connection.
-	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	err = in.ps.Wait(wctx)
-	cancel()
-	if err != nil {
-		return RestoreResponse{}, fmt.Errorf("%w: %s: page server still waiting for memory: %w", ErrRestoreFailed, id, err)
+	postCopy := in.req.Strategy == PostCopy
+	if postCopy {
+		lp, err := t.Engine.StartLazyPages(ctx, checkpoint.LazyPagesOptions{ImagesDir: in.dir, Conn: in.lazyEnd})
+		in.lazyEnd.Close()
+		in.lazyEnd = nil
+		if err != nil {
+			return RestoreResponse{}, fmt.Errorf("%w: %s: %w", ErrRestoreFailed, id, err)
+		}
+		in.lazy = lp
+	} else {
+		// The page server ends when the dump closes its connection.
+		wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		err = in.ps.Wait(wctx)
+		cancel()
+		if err != nil {
+			return RestoreResponse{}, fmt.Errorf("%w: %s: page server still waiting for memory: %w", ErrRestoreFailed, id, err)
+		}
 	}
 
 	var resp RestoreResponse
@@ -271,12 +292,30 @@ func (t *Target) Restore(ctx context.Context, id string) (RestoreResponse, error
 		}
 		resp.VIPAddMS = ms(time.Since(start))
 		return nil
-	}})
+	}, LazyPages: postCopy})
 	if err != nil {
 		t.removeVIPs(in)
+		if in.lazy != nil {
+			in.lazy.Stop()
+			in.lazy = nil
+		}
 		return RestoreResponse{}, fmt.Errorf("%w: %w", ErrRestoreFailed, err)
 	}
 	in.restored = true
+	if postCopy {
+		// The copy runs while its memory arrives. Should the transfer fail, the
+		// missing pages would read as zeroes: stop the copy rather than let it run
+		// on corrupt memory.
+		in.lazyDone = make(chan error, 1)
+		go func(lp *checkpoint.LazyPages, name string) {
+			err := lp.Wait(context.Background())
+			if err != nil {
+				t.log().WithError(err).WithField("workload", name).Error("post-copy transfer failed; stopping the incomplete copy")
+				_ = t.Workloads.Abandon(name)
+			}
+			in.lazyDone <- err
+		}(in.lazy, rec.Name)
+	}
 	start := time.Now()
 	for _, v := range rec.VIPs {
 		if err := t.VIPs.Announce(ctx, v); err != nil {
@@ -310,6 +349,20 @@ func (t *Target) Commit(ctx context.Context, id string) error {
 		t.put(in)
 		return fmt.Errorf("commit %s: nothing was restored", id)
 	}
+	if in.lazyDone != nil {
+		// Post-copy commits once every page arrived.
+		select {
+		case err := <-in.lazyDone:
+			in.lazyDone <- err
+			if err != nil {
+				t.put(in)
+				return fmt.Errorf("commit %s: the post-copy transfer failed: %w", id, err)
+			}
+		case <-ctx.Done():
+			t.put(in)
+			return ctx.Err()
+		}
+	}
 	in.vips = nil // they belong to the workload now
 	t.drop(in)
 	t.log().WithField("migration", id).Info("migration committed")
@@ -325,6 +378,9 @@ func (t *Target) Abort(ctx context.Context, id string) error {
 		return nil
 	}
 	var errs []error
+	if in.lazy != nil {
+		in.lazy.Stop()
+	}
 	if in.restored {
 		if err := t.Workloads.Abandon(in.req.Workload.Name); err != nil {
 			errs = append(errs, err)
@@ -344,6 +400,12 @@ func (t *Target) drop(in *incoming) {
 	}
 	if in.tunnel != nil {
 		in.tunnel.Close()
+	}
+	if in.lazyEnd != nil {
+		in.lazyEnd.Close()
+	}
+	if in.lazy != nil && in.lazyDone == nil {
+		in.lazy.Stop()
 	}
 	_ = os.RemoveAll(in.dir)
 	t.mu.Lock()

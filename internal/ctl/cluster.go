@@ -106,7 +106,7 @@ func newProgressBar(w any, on bool) *progressBar {
 	return &progressBar{w: f, on: on && f != nil, tty: tty, start: time.Now()}
 }
 
-var phaseOrder = []string{migrate.PhasePreflight, migrate.PhaseFreeze, migrate.PhaseImages, migrate.PhaseRestore, migrate.PhaseCommit, migrate.PhaseDone}
+var phaseOrder = []string{migrate.PhasePreflight, migrate.PhaseFreeze, migrate.PhaseImages, migrate.PhaseRestore, migrate.PhasePages, migrate.PhaseCommit, migrate.PhaseDone}
 
 func (p *progressBar) update(pr migrate.Progress) {
 	if !p.on {

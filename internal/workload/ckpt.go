@@ -40,6 +40,11 @@ type CheckpointOptions struct {
 	TLS        *checkpoint.TLS
 	// PageServerConn carries the pages over a connection the caller provides.
 	PageServerConn *os.File
+	// LazyConn makes it a post-copy dump serving pages over PageServerConn; it
+	// returns once every page was served, and the workload is gone from this host.
+	LazyConn bool
+	// Ready is called once the images are complete (see checkpoint.DumpOptions).
+	Ready func()
 }
 
 // Checkpoint dumps a running workload into opts.Dir. Unless told to leave it running
@@ -105,6 +110,8 @@ func (m *Manager) Checkpoint(ctx context.Context, name string, opts CheckpointOp
 		PageServer:     opts.PageServer,
 		TLS:            opts.TLS,
 		PageServerConn: opts.PageServerConn,
+		LazyConn:       opts.LazyConn,
+		Ready:          opts.Ready,
 	})
 	if err != nil {
 		_ = os.Remove(filepath.Join(dir, MetaFile))
@@ -207,6 +214,8 @@ type RestoreOptions struct {
 	// BeforeRestore runs after the images were read and before CRIU starts: the
 	// place to bring the workload's service addresses up so its sockets can bind.
 	BeforeRestore func(rec Record) error
+	// LazyPages restores without memory; a lazy-pages daemon serves it.
+	LazyPages bool
 }
 
 // Restore brings back the workload checkpointed in opts.Dir and adopts it. A
@@ -273,6 +282,7 @@ func (m *Manager) Restore(ctx context.Context, opts RestoreOptions) (Record, *ch
 		NetworkLock:    lock,
 		ManageCgroups:  true,
 		FileLocks:      true,
+		LazyPages:      opts.LazyPages,
 	})
 	if err != nil {
 		undo()
