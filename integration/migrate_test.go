@@ -219,3 +219,40 @@ func TestMigrateRefusalsAndRollback(t *testing.T) {
 	}
 
 }
+
+func TestMigrateAllWorkloads(t *testing.T) {
+	_, d := twoHosts(t)
+	h0, h1 := d.Hosts[0], d.Hosts[1]
+	for i := 0; i < 3; i++ {
+		must(t, h0, "run", fmt.Sprintf("w%d", i), "--", "sh", "-c", "i=0; while :; do i=$((i+1)); echo $i; sleep 0.05; done")
+	}
+	if _, err := h0.Ctl(context.Background(), "migrate", "--all", "--from", "h1", "--to", "h1"); err == nil || !strings.Contains(err.Error(), "this duplexd is h0") {
+		t.Errorf("--from another host: %v", err)
+	}
+	var res struct {
+		Results []migrate.Result  `json:"results"`
+		Errors  map[string]string `json:"errors"`
+	}
+	if err := json.Unmarshal([]byte(must(t, h0, "migrate", "--all", "--from", "h0", "--to", "h1", "--parallel", "2", "-o", "json")), &res); err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Results) != 3 || len(res.Errors) != 0 {
+		t.Fatalf("migrate --all: %d moved, errors %v", len(res.Results), res.Errors)
+	}
+	for i := 0; i < 3; i++ {
+		name := fmt.Sprintf("w%d", i)
+		if r, _ := recordOn(t, h1, name); r.State != workload.Running {
+			t.Errorf("%s on h1: %s", name, r.State)
+		}
+		if r, _ := recordOn(t, h0, name); r.State != workload.Migrated {
+			t.Errorf("%s on h0: %s", name, r.State)
+		}
+	}
+	if out := must(t, h0, "ps", "-q"); strings.TrimSpace(out) != "" {
+		t.Errorf("h0 still runs: %s", out)
+	}
+	// Nothing left to move is not an error.
+	if out := must(t, h0, "migrate", "--all", "--to", "h1"); !strings.Contains(out, "no running workload") {
+		t.Errorf("empty --all: %q", out)
+	}
+}

@@ -38,6 +38,7 @@ func (e *Error) Error() string { return e.Message }
 
 // Info describes a running daemon.
 type Info struct {
+	Name         string `json:"name"`
 	Version      string `json:"version"`
 	Pid          int    `json:"pid"`
 	StateDir     string `json:"state_dir"`
@@ -83,12 +84,22 @@ type MigrateRequest struct {
 	Strategy string `json:"strategy,omitempty"` // auto (default), precopy, postcopy, stopcopy
 }
 
+// MigrateAllRequest asks to move every running workload of this host.
+type MigrateAllRequest struct {
+	To       string `json:"to"`
+	Strategy string `json:"strategy,omitempty"`
+	Parallel int    `json:"parallel,omitempty"` // migrations at once; 0 means 2
+}
+
 // MigrateEvent is one line of a migration's progress stream: progress, or at the
-// end the result or the error.
+// end the result or the error. For several workloads, Workload names the one an
+// error is about, and Done ends the stream.
 type MigrateEvent struct {
 	Progress *migrate.Progress `json:"progress,omitempty"`
 	Result   *migrate.Result   `json:"result,omitempty"`
 	Error    string            `json:"error,omitempty"`
+	Workload string            `json:"workload,omitempty"`
+	Done     bool              `json:"done,omitempty"`
 }
 
 // DumpStats is checkpoint.DumpStats in JSON-friendly units.

@@ -199,6 +199,42 @@ func (c *Client) Migrate(ctx context.Context, name string, req MigrateRequest, p
 	}
 }
 
+// MigrateAllResult is the outcome of moving every workload of a host.
+type MigrateAllResult struct {
+	Results []*migrate.Result `json:"results"`
+	Errors  map[string]string `json:"errors,omitempty"` // workload -> why it stayed
+}
+
+// MigrateAll moves every running workload of the daemon's host to req.To.
+func (c *Client) MigrateAll(ctx context.Context, req MigrateAllRequest, progress func(migrate.Progress)) (*MigrateAllResult, error) {
+	resp, err := c.send(ctx, http.MethodPost, "/v1/migrate-all", req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	out := &MigrateAllResult{Errors: map[string]string{}}
+	dec := json.NewDecoder(resp.Body)
+	for {
+		var ev MigrateEvent
+		if err := dec.Decode(&ev); err != nil {
+			return out, fmt.Errorf("migrating all workloads: progress stream ended early (%w); check 'duplexctl ps -a' on both hosts", err)
+		}
+		switch {
+		case ev.Done:
+			if ev.Error != "" {
+				return out, errors.New(ev.Error)
+			}
+			return out, nil
+		case ev.Error != "":
+			out.Errors[ev.Workload] = ev.Error
+		case ev.Result != nil:
+			out.Results = append(out.Results, ev.Result)
+		case ev.Progress != nil && progress != nil:
+			progress(*ev.Progress)
+		}
+	}
+}
+
 // Logs streams a workload's output ("stdout", "stderr" or "both") into w; with
 // follow it keeps streaming until ctx ends or the workload stops.
 func (c *Client) Logs(ctx context.Context, name, stream string, tail int, follow bool, w io.Writer) error {

@@ -39,9 +39,11 @@ func (a *app) hostsCmd() *cobra.Command {
 }
 
 func (a *app) migrateCmd() *cobra.Command {
-	var to, strategy string
+	var to, strategy, from string
+	var all bool
+	var parallel int
 	cmd := &cobra.Command{
-		Use:   "migrate NAME --to HOST",
+		Use:   "migrate (NAME | --all) --to HOST",
 		Short: "Move a running workload to another host, live",
 		Long: `Move the workload NAME from this host to HOST while it runs. Its service
 addresses move with it and its clients keep their TCP connections.
@@ -50,15 +52,27 @@ Strategies: auto (the best both hosts support), stopcopy (freeze, stream
 everything to HOST), precopy (copy memory while it runs; needs dirty-memory
 tracking on both hosts), postcopy (run on HOST at once, memory follows; needs
 userfaultfd). A forced strategy a host cannot run is refused before anything is
-frozen. On any failure before the copy runs on HOST, the workload resumes here.`,
-		Example: "  duplexctl migrate web --to h1\n  duplexctl migrate web --to h1 --strategy stopcopy -o json",
-		Args:    cobra.ExactArgs(1),
+frozen. On any failure before the copy runs on HOST, the workload resumes here.
+
+With --all every running workload of this host moves, --parallel at a time; the
+command talks to the local daemon, so --from, if given, must name this host.`,
+		Example: "  duplexctl migrate web --to h1\n  duplexctl migrate web --to h1 --strategy stopcopy -o json\n  duplexctl migrate --all --from h0 --to h1",
+		Args:    cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if to == "" {
 				return fmt.Errorf("--to is required")
 			}
 			if _, err := migrate.ParseStrategy(strategy); err != nil {
 				return err
+			}
+			if all {
+				if len(args) > 0 {
+					return fmt.Errorf("give a workload name or --all, not both")
+				}
+				return a.migrateAll(cmd, from, to, strategy, parallel)
+			}
+			if len(args) != 1 {
+				return fmt.Errorf("usage: duplexctl migrate NAME --to HOST (or --all)")
 			}
 			bar := newProgressBar(a.stderr, !a.json())
 			res, err := a.client().Migrate(ctxOf(cmd), args[0], api.MigrateRequest{To: to, Strategy: strategy}, bar.update)
@@ -75,7 +89,54 @@ frozen. On any failure before the copy runs on HOST, the workload resumes here.`
 	}
 	cmd.Flags().StringVar(&to, "to", "", "destination host (see 'duplexctl hosts')")
 	cmd.Flags().StringVar(&strategy, "strategy", "auto", "auto, stopcopy, precopy or postcopy")
+	cmd.Flags().BoolVar(&all, "all", false, "move every running workload of this host")
+	cmd.Flags().StringVar(&from, "from", "", "with --all: the source host, which must be this daemon's host")
+	cmd.Flags().IntVar(&parallel, "parallel", 2, "with --all: migrations at once")
 	return cmd
+}
+
+func (a *app) migrateAll(cmd *cobra.Command, from, to, strategy string, parallel int) error {
+	c := a.client()
+	info, err := c.Info(ctxOf(cmd))
+	if err != nil {
+		return err
+	}
+	if from != "" && from != info.Name {
+		return fmt.Errorf("--from %s: this duplexd is %s; run the command on %s (or point --socket at its daemon)", from, info.Name, from)
+	}
+	last := map[string]string{}
+	res, err := c.MigrateAll(ctxOf(cmd), api.MigrateAllRequest{To: to, Strategy: strategy, Parallel: parallel}, func(p migrate.Progress) {
+		if a.json() || last[p.Workload] == p.Phase {
+			return
+		}
+		last[p.Workload] = p.Phase
+		fmt.Fprintf(a.stderr, "%-20s %-12s %6.2fs %9s\n", p.Workload, p.Phase, p.Elapsed.Seconds(), units.BytesSize(float64(p.Bytes)))
+	})
+	if err != nil {
+		return err
+	}
+	if a.json() {
+		if err := a.printJSON(res); err != nil {
+			return err
+		}
+	} else {
+		tw := a.table("WORKLOAD", "STRATEGY", "FROZEN", "DOWNTIME", "MOVED", "TOTAL", "RESULT")
+		for _, r := range res.Results {
+			fmt.Fprintf(tw, "%s\t%s\t%.1f ms\t%.1f ms\t%s\t%.1f ms\tmigrated to %s\n", r.Workload, r.Strategy, r.FrozenMS, r.DowntimeMS,
+				units.BytesSize(float64(r.PageBytes+r.ImageBytes)), r.TotalMS, r.To)
+		}
+		for name, e := range res.Errors {
+			fmt.Fprintf(tw, "%s\t-\t-\t-\t-\t-\tFAILED: %s\n", name, e)
+		}
+		_ = tw.Flush()
+		if len(res.Results) == 0 && len(res.Errors) == 0 {
+			fmt.Fprintf(a.stdout, "no running workload on %s\n", info.Name)
+		}
+	}
+	if len(res.Errors) > 0 {
+		return fmt.Errorf("%d of %d workloads did not move", len(res.Errors), len(res.Errors)+len(res.Results))
+	}
+	return nil
 }
 
 func (a *app) printResult(r *migrate.Result) {

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -39,6 +40,7 @@ func (d *Daemon) routes() http.Handler {
 	mux.HandleFunc("POST /v1/restore", d.restore)
 	mux.HandleFunc("GET /v1/hosts", d.hosts)
 	mux.HandleFunc("POST /v1/workloads/{name}/migrate", d.migrate)
+	mux.HandleFunc("POST /v1/migrate-all", d.migrateAll)
 	return d.rootOnly(mux)
 }
 
@@ -107,7 +109,7 @@ func decode(r *http.Request, v any) error {
 
 func (d *Daemon) info(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, api.Info{
-		Version: Version, Pid: os.Getpid(), StateDir: d.cfg.StateDir, CRIU: d.eng.Path(),
+		Name: d.cfg.Name, Version: Version, Pid: os.Getpid(), StateDir: d.cfg.StateDir, CRIU: d.eng.Path(),
 		CgroupParent: d.cfg.CgroupParent, Workloads: len(d.wl.List()),
 	})
 }
@@ -404,4 +406,77 @@ func (d *Daemon) migrate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	send(api.MigrateEvent{Result: res})
+}
+
+// migrateAll moves every running workload to another host, a bounded number at a
+// time, streaming every workload's progress and outcome (api.MigrateEvent).
+func (d *Daemon) migrateAll(w http.ResponseWriter, r *http.Request) {
+	var req api.MigrateAllRequest
+	if err := decode(r, &req); err != nil {
+		d.fail(w, r, err)
+		return
+	}
+	strategy, err := migrate.ParseStrategy(req.Strategy)
+	if err != nil {
+		d.fail(w, r, fmt.Errorf("%w: %w", workload.ErrInvalid, err))
+		return
+	}
+	if req.Parallel < 0 || req.Parallel > 64 {
+		d.fail(w, r, fmt.Errorf("%w: parallel %d: use 1 to 64", workload.ErrInvalid, req.Parallel))
+		return
+	}
+	if req.Parallel == 0 {
+		req.Parallel = 2
+	}
+	if d.cluster == nil {
+		d.fail(w, r, errNoCluster)
+		return
+	}
+	if req.To == d.cfg.Name {
+		d.fail(w, r, fmt.Errorf("%w: the workloads already run on %s", workload.ErrInvalid, req.To))
+		return
+	}
+	dst, _, err := d.cluster.destination(r.Context(), req.To)
+	if err != nil {
+		d.fail(w, r, err)
+		return
+	}
+	defer dst.Close()
+
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.WriteHeader(http.StatusOK)
+	flusher, _ := w.(http.Flusher)
+	var mu sync.Mutex
+	enc := json.NewEncoder(w)
+	send := func(ev api.MigrateEvent) {
+		mu.Lock()
+		defer mu.Unlock()
+		_ = enc.Encode(ev)
+		if flusher != nil {
+			flusher.Flush()
+		}
+	}
+	ctx := context.WithoutCancel(r.Context())
+	sem := make(chan struct{}, req.Parallel)
+	var wg sync.WaitGroup
+	for _, rec := range d.wl.List() {
+		if rec.State != workload.Running {
+			continue
+		}
+		wg.Add(1)
+		sem <- struct{}{}
+		go func(name string) {
+			defer wg.Done()
+			defer func() { <-sem }()
+			res, err := d.cluster.source.Migrate(ctx, dst, migrate.Request{Workload: name, To: req.To, Strategy: strategy},
+				func(p migrate.Progress) { send(api.MigrateEvent{Progress: &p}) })
+			if err != nil {
+				send(api.MigrateEvent{Workload: name, Error: err.Error()})
+				return
+			}
+			send(api.MigrateEvent{Workload: name, Result: res})
+		}(rec.Name)
+	}
+	wg.Wait()
+	send(api.MigrateEvent{Done: true})
 }
