@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -254,5 +255,61 @@ func TestMigrateAllWorkloads(t *testing.T) {
 	// Nothing left to move is not an error.
 	if out := must(t, h0, "migrate", "--all", "--to", "h1"); !strings.Contains(out, "no running workload") {
 		t.Errorf("empty --all: %q", out)
+	}
+}
+
+// The destination's duplexd dies in the middle of a migration: the workload keeps
+// running on the source with its address, and its client never notices more than a
+// pause.
+func TestDestinationKilledMidway(t *testing.T) {
+	c, d := twoHosts(t)
+	h0, h1, client := d.Hosts[0], d.Hosts[1], c.Clients[0]
+	vip := c.VIP(1)
+	echo := filepath.Join(h0.Dir, "echoserver")
+	copyFile(t, testutil.Build(t, "./integration/harness/echoserver"), echo)
+	must(t, h0, "run", "echo", "--vip", vip.String()+"@eth0", "--env", "GODEBUG=multipathtcp=0", "--",
+		echo, "-listen", netip.AddrPortFrom(vip.Addr(), 9000).String(), "-ballast", "768")
+	testutil.Eventually(t, 60*time.Second, "the echo server to listen", func() bool {
+		return strings.Contains(must(t, h0, "logs", "echo"), "LISTENING")
+	})
+	before, _ := recordOn(t, h0, "echo")
+	s, err := harness.StartStream(context.Background(), client, netip.AddrPortFrom(vip.Addr(), 9000), 128<<10, 1024)
+	if err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, 10*time.Second, "stream traffic", func() bool { return s.Stats().BytesVerified > 32<<10 })
+
+	done := make(chan error, 1)
+	go func() {
+		_, err := h0.Ctl(context.Background(), "migrate", "echo", "--to", "h1", "--strategy", "stopcopy")
+		done <- err
+	}()
+	// Kill h1's daemon while the memory is on its way.
+	time.Sleep(400 * time.Millisecond)
+	if err := h1.Proc.Stop(syscall.SIGKILL, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err = <-done:
+	case <-time.After(2 * time.Minute):
+		t.Fatal("migrate did not return after the destination died")
+	}
+	if err == nil {
+		t.Fatal("migration succeeded although the destination died")
+	}
+	t.Logf("migrate failed as expected: %v", err)
+	r, _ := recordOn(t, h0, "echo")
+	if r.State != workload.Running || r.Pid != before.Pid {
+		t.Fatalf("after the failed migration h0 has echo %s pid %d (was %d)", r.State, r.Pid, before.Pid)
+	}
+	n := s.Stats().BytesVerified
+	testutil.Eventually(t, 10*time.Second, "the stream to go on", func() bool { return s.Stats().BytesVerified > n+64<<10 })
+	st := s.Stop()
+	if st.Err != nil {
+		t.Fatalf("client stream broke: %v", st.Err)
+	}
+	t.Logf("stream: verified %d bytes, longest pause %s", st.BytesVerified, st.MaxGap)
+	if mac := neighbourMAC(t, client, vip.Addr()); mac != h0.Node.MAC.String() {
+		t.Errorf("client resolves the VIP to %s, want h0's %s", mac, h0.Node.MAC)
 	}
 }
