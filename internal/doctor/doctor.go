@@ -22,7 +22,7 @@ const (
 type Check struct {
 	// Name is a short id: "kernel", "root", "criu", "criu-check", "uffd",
 	// "dirty-tracking", "nftables-lock", "nft", "pidns", "cgroups", "tracefs", "btf",
-	// "ebpf-tracepoint".
+	// "ebpf-tracepoint", "pipe-max-size".
 	Name     string `json:"name"`
 	Status   Status `json:"status"`
 	Required bool   `json:"required"` // duplex cannot work without it
@@ -77,6 +77,7 @@ var probes = []probe{
 	func(context.Context, Options) []Check { return []Check{checkTracefs()} },
 	func(context.Context, Options) []Check { return []Check{checkBTF()} },
 	func(context.Context, Options) []Check { return []Check{checkEBPF()} },
+	func(context.Context, Options) []Check { return []Check{checkPipeMaxSize()} },
 }
 
 // Run examines the host and returns one check per aspect. Each probe gets at most

@@ -18,7 +18,7 @@ import (
 
 var allChecks = []string{
 	"kernel", "root", "criu", "criu-check", "uffd", "dirty-tracking", "nftables-lock",
-	"nft", "pidns", "cgroups", "tracefs", "btf", "ebpf-tracepoint",
+	"nft", "pidns", "cgroups", "tracefs", "btf", "ebpf-tracepoint", "pipe-max-size",
 }
 
 func run(t *testing.T, o doctor.Options) doctor.Report {

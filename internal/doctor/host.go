@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"syscall"
 	"unsafe"
@@ -221,4 +222,29 @@ func softDirtyAvailable() (bool, error) {
 		return false, fmt.Errorf("read pagemap: %w", err)
 	}
 	return binary.LittleEndian.Uint64(entry[:])&pmSoftDirty != 0, nil
+}
+
+// checkPipeMaxSize reports whether CRIU's lazy page server can get the 4 MiB pipe it
+// asks for: with CAP_SYS_RESOURCE any size is allowed, else fs.pipe-max-size rules.
+func checkPipeMaxSize() Check {
+	c := Check{Name: "pipe-max-size"}
+	b, err := os.ReadFile("/proc/sys/fs/pipe-max-size")
+	if err != nil {
+		c.Status, c.Detail = Warn, "cannot read fs.pipe-max-size: "+err.Error()
+		return c
+	}
+	size, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	var hdr unix.CapUserHeader
+	var data [2]unix.CapUserData
+	hdr.Version = unix.LINUX_CAPABILITY_VERSION_3
+	capRes := unix.Capget(&hdr, &data[0]) == nil && data[unix.CAP_SYS_RESOURCE/32].Effective&(1<<(unix.CAP_SYS_RESOURCE%32)) != 0
+	switch {
+	case capRes:
+		c.Status, c.Detail = OK, fmt.Sprintf("%d bytes; CAP_SYS_RESOURCE lifts the limit for CRIU", size)
+	case size >= 4<<20:
+		c.Status, c.Detail = OK, fmt.Sprintf("%d bytes: CRIU's lazy page server gets its 4 MiB pipe", size)
+	default:
+		c.Status, c.Detail = Warn, fmt.Sprintf("%d bytes and no CAP_SYS_RESOURCE: post-copy raises it to 4194304 when it runs (CRIU ignores the refusal and fails with 'tee: Operation not permitted')", size)
+	}
+	return c
 }
