@@ -150,7 +150,7 @@ func run(duplexd, duplexctl, echo string, sizes, dirty []int) ([]Row, error) {
 	var rows []Row
 	for _, size := range sizes {
 		for _, dr := range dirty {
-			for _, method := range []string{"baseline", string(migrate.StopCopy)} {
+			for _, method := range []string{"baseline", string(migrate.StopCopy), string(migrate.PostCopy)} {
 				fmt.Fprintf(os.Stderr, "bench: %d MiB, dirtying %d MiB/s, %s ...\n", size, dr, method)
 				r := b.one(ctx, size, dr, method)
 				if r.Err != "" {
@@ -367,4 +367,35 @@ func printTable(rows []Row) {
 			r.SizeMiB, r.DirtyMiB, r.Method, r.DowntimeMS, ratio, r.GapMS, r.FrozenMS, r.TotalMS, float64(r.Bytes)/(1<<20), r.AnnounceMS, client)
 	}
 	tw.Flush()
+
+	// The targets, judged on this run's figures.
+	fmt.Println("\ntargets:")
+	var worstPost, worstVIP float64
+	for _, r := range rows {
+		if r.Err != "" {
+			continue
+		}
+		if r.Method == string(migrate.PostCopy) && r.DowntimeMS > worstPost {
+			worstPost = r.DowntimeMS
+		}
+		if r.Method != "baseline" && r.AnnounceMS > worstVIP {
+			worstVIP = r.AnnounceMS
+		}
+	}
+	verdict := func(ok bool) string {
+		if ok {
+			return "met"
+		}
+		return "MISSED"
+	}
+	fmt.Printf("  post-copy downtime <= 50 ms at every size: worst %.0f ms: %s\n", worstPost, verdict(worstPost <= 50))
+	for _, r := range rows {
+		if r.Method == string(migrate.StopCopy) && r.Err == "" && r.SizeMiB >= 2048 {
+			if bl, ok := base[[2]int{r.SizeMiB, r.DirtyMiB}]; ok {
+				x := bl.DowntimeMS / r.DowntimeMS
+				fmt.Printf("  stop-and-copy >= 2x faster than the baseline at %d MiB, dirtying %d MiB/s: %.2fx: %s\n", r.SizeMiB, r.DirtyMiB, x, verdict(x >= 2))
+			}
+		}
+	}
+	fmt.Printf("  VIP move (restore done to announced) <= 5 ms: worst %.2f ms: %s\n", worstVIP, verdict(worstVIP <= 5))
 }
