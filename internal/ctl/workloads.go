@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -237,13 +238,11 @@ workload is gone afterwards ('duplexctl restore --dir DIR' brings it back);
 			if req.Dir == "" {
 				return fmt.Errorf("--dir is required")
 			}
-			if !strings.HasPrefix(req.Dir, "/") {
-				wd, err := os.Getwd()
-				if err != nil {
-					return err
-				}
-				req.Dir = wd + "/" + req.Dir
+			dir, err := filepath.Abs(req.Dir) // the daemon does not share our working directory
+			if err != nil {
+				return err
 			}
+			req.Dir = dir
 			if !a.json() {
 				fmt.Fprintf(a.stderr, "checkpointing %s into %s ...\n", args[0], req.Dir)
 			}
@@ -280,13 +279,11 @@ must exist at the same paths; the error names any that are missing.`,
 			if req.Dir == "" {
 				return fmt.Errorf("--dir is required")
 			}
-			if !strings.HasPrefix(req.Dir, "/") {
-				wd, err := os.Getwd()
-				if err != nil {
-					return err
-				}
-				req.Dir = wd + "/" + req.Dir
+			dir, err := filepath.Abs(req.Dir) // the daemon does not share our working directory
+			if err != nil {
+				return err
 			}
+			req.Dir = dir
 			res, err := a.client().Restore(ctxOf(cmd), req)
 			if err != nil {
 				return err

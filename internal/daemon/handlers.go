@@ -388,16 +388,7 @@ func (d *Daemon) migrate(w http.ResponseWriter, r *http.Request) {
 	}
 	defer dst.Close()
 
-	w.Header().Set("Content-Type", "application/x-ndjson")
-	w.WriteHeader(http.StatusOK)
-	flusher, _ := w.(http.Flusher)
-	enc := json.NewEncoder(w)
-	send := func(ev api.MigrateEvent) {
-		_ = enc.Encode(ev)
-		if flusher != nil {
-			flusher.Flush()
-		}
-	}
+	send := eventStream(w)
 	// A migration runs to its end (commit or rollback) even if the client leaves.
 	res, err := d.cluster.source.Migrate(context.WithoutCancel(r.Context()), dst, migrate.Request{Workload: name, To: req.To, Strategy: strategy},
 		func(p migrate.Progress) { send(api.MigrateEvent{Progress: &p}) })
@@ -443,19 +434,7 @@ func (d *Daemon) migrateAll(w http.ResponseWriter, r *http.Request) {
 	}
 	defer dst.Close()
 
-	w.Header().Set("Content-Type", "application/x-ndjson")
-	w.WriteHeader(http.StatusOK)
-	flusher, _ := w.(http.Flusher)
-	var mu sync.Mutex
-	enc := json.NewEncoder(w)
-	send := func(ev api.MigrateEvent) {
-		mu.Lock()
-		defer mu.Unlock()
-		_ = enc.Encode(ev)
-		if flusher != nil {
-			flusher.Flush()
-		}
-	}
+	send := eventStream(w)
 	ctx := context.WithoutCancel(r.Context())
 	sem := make(chan struct{}, req.Parallel)
 	var wg sync.WaitGroup
@@ -479,4 +458,22 @@ func (d *Daemon) migrateAll(w http.ResponseWriter, r *http.Request) {
 	}
 	wg.Wait()
 	send(api.MigrateEvent{Done: true})
+}
+
+// eventStream starts a stream of JSON lines and returns a sender that is safe for
+// concurrent use and flushes every event at once.
+func eventStream(w http.ResponseWriter) func(api.MigrateEvent) {
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.WriteHeader(http.StatusOK)
+	flusher, _ := w.(http.Flusher)
+	var mu sync.Mutex
+	enc := json.NewEncoder(w)
+	return func(ev api.MigrateEvent) {
+		mu.Lock()
+		defer mu.Unlock()
+		_ = enc.Encode(ev)
+		if flusher != nil {
+			flusher.Flush()
+		}
+	}
 }
