@@ -220,8 +220,14 @@ func (b *bench) one(ctx context.Context, size, dirty int, method string) (row Ro
 	} else {
 		err = b.duplex(ctx, name, method, &row)
 	}
+	// After a long freeze the client's TCP retransmissions have backed off: wait
+	// until the stream flows again before judging it.
+	moved := s.Stats().BytesVerified
+	for deadline := time.Now().Add(time.Minute); s.Stats().BytesVerified < moved+32<<10 && time.Now().Before(deadline); {
+		time.Sleep(50 * time.Millisecond)
+	}
 	time.Sleep(b.settleFor)
-	st := s.Stop()
+	st := s.StopWithin(10 * time.Second)
 	row.GapMS = ms(st.MaxGap)
 	if st.MaxGap < gapBefore {
 		row.GapMS = ms(gapBefore)
