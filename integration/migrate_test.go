@@ -104,6 +104,15 @@ func TestClusterHostsRegister(t *testing.T) {
 }
 
 func TestMigrateCounterBetweenHosts(t *testing.T) {
+	for _, strategy := range []string{"stopcopy", "postcopy"} {
+		t.Run(strategy, func(t *testing.T) { counterBetweenHosts(t, strategy) })
+	}
+}
+
+func counterBetweenHosts(t *testing.T, strategy string) {
+	if strategy == "postcopy" {
+		testutil.RequiresCRIU(t, checkpoint.FeatureUFFDNonCoop)
+	}
 	_, d := twoHosts(t)
 	h0, h1 := d.Hosts[0], d.Hosts[1]
 	must(t, h0, "run", "counter", "--", "sh", "-c", "i=0; while :; do i=$((i+1)); echo $i; sleep 0.02; done")
@@ -111,12 +120,12 @@ func TestMigrateCounterBetweenHosts(t *testing.T) {
 	testutil.Eventually(t, 5*time.Second, "counting", func() bool { return len(numbers(must(t, h0, "logs", "counter"))) > 10 })
 
 	var res migrate.Result
-	if err := json.Unmarshal([]byte(must(t, h0, "migrate", "counter", "--to", "h1", "-o", "json")), &res); err != nil {
+	if err := json.Unmarshal([]byte(must(t, h0, "migrate", "counter", "--to", "h1", "--strategy", strategy, "-o", "json")), &res); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("migrated: strategy %s frozen %.1f ms downtime %.1f ms total %.1f ms moved %d+%d bytes",
 		res.Strategy, res.FrozenMS, res.DowntimeMS, res.TotalMS, res.PageBytes, res.ImageBytes)
-	if res.From != "h0" || res.To != "h1" || res.Strategy != migrate.StopCopy {
+	if res.From != "h0" || res.To != "h1" || string(res.Strategy) != strategy {
 		t.Errorf("result %+v", res)
 	}
 	src, _ := recordOn(t, h0, "counter")

@@ -149,13 +149,13 @@ func servePages(w http.ResponseWriter, r *http.Request, t *Target) {
 	}
 	done := make(chan struct{})
 	go func() { // source -> page server (bytes the client sent early sit in brw)
-		_, _ = io.Copy(channel, brw)
+		_, _ = io.CopyBuffer(channel, brw, make([]byte, copyBuffer))
 		if cw, ok := channel.(interface{ CloseWrite() error }); ok {
 			_ = cw.CloseWrite()
 		}
 		close(done)
 	}()
-	_, _ = io.Copy(conn, channel) // page server -> source, until it exits
+	_, _ = io.CopyBuffer(conn, channel, make([]byte, 64<<10)) // page server -> source, until it exits
 	conn.Close()
 	<-done
 	channel.Close()

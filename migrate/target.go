@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
-	"golang.org/x/sys/unix"
 
 	"github.com/duplex-ha/duplex/checkpoint"
 	"github.com/duplex-ha/duplex/internal/workload"
@@ -121,7 +120,7 @@ func (t *Target) Prepare(ctx context.Context, req PrepareRequest) (PrepareRespon
 	}
 	// The page server listens on nothing: it serves one end of a socket pair whose
 	// other end the source reaches through Pages.
-	criuEnd, ours, err := socketPair()
+	criuEnd, ours, err := bigSocketPair()
 	if err != nil {
 		return fail(fmt.Errorf("prepare %s: %w", req.ID, err))
 	}
@@ -142,15 +141,6 @@ func (t *Target) Prepare(ctx context.Context, req PrepareRequest) (PrepareRespon
 	t.put(in)
 	t.log().WithFields(logrus.Fields{"migration": req.ID, "workload": req.Workload.Name, "page_server": ps.Pid}).Info("prepared incoming migration")
 	return PrepareResponse{PageServer: fmt.Sprintf("%s pid %d", t.Host, ps.Pid)}, nil
-}
-
-// socketPair returns two connected stream sockets.
-func socketPair() (*os.File, *os.File, error) {
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return nil, nil, err
-	}
-	return os.NewFile(uintptr(fds[0]), "criu-pages"), os.NewFile(uintptr(fds[1]), "pages"), nil
 }
 
 // Pages implements Destination: it hands out the page server's connection, once.

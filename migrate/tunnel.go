@@ -13,6 +13,27 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// copyBuffer is the chunk pages travel in: large, so that a gigabyte costs few
+// system calls and TLS records are full.
+const copyBuffer = 1 << 20
+
+// socketBuffer is the send and receive buffer of the page channel's socket pairs.
+const socketBuffer = 4 << 20
+
+// bigSocketPair returns a connected socket pair with large buffers.
+func bigSocketPair() (*os.File, *os.File, error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, err
+	}
+	for _, fd := range fds {
+		// SO_*BUFFORCE ignores net.core.[rw]mem_max; we are root.
+		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, socketBuffer)
+		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, socketBuffer)
+	}
+	return os.NewFile(uintptr(fds[0]), "criu-pages"), os.NewFile(uintptr(fds[1]), "pages"), nil
+}
+
 // pageTunnel copies the page-server protocol between CRIU's socket and the page
 // channel to the destination, in both directions, counting what goes out.
 type pageTunnel struct {
@@ -25,13 +46,11 @@ type pageTunnel struct {
 // carry connects a fresh socket pair to the page channel and returns the end CRIU
 // gets (--ps-socket). The channel closes when CRIU and the page server are done.
 func carry(channel io.ReadWriteCloser) (*os.File, *pageTunnel, error) {
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	criuEnd, ourEnd, err := bigSocketPair()
 	if err != nil {
 		channel.Close()
 		return nil, nil, fmt.Errorf("page channel: %w", err)
 	}
-	criuEnd := os.NewFile(uintptr(fds[0]), "criu-pages")
-	ourEnd := os.NewFile(uintptr(fds[1]), "pages")
 	local, err := net.FileConn(ourEnd)
 	ourEnd.Close()
 	if err != nil {
@@ -44,7 +63,7 @@ func carry(channel io.ReadWriteCloser) (*os.File, *pageTunnel, error) {
 	wg.Add(2)
 	go func() { // CRIU -> destination
 		defer wg.Done()
-		_, err := io.Copy(countingWriter{channel, &t.sent}, local)
+		_, err := io.CopyBuffer(countingWriter{channel, &t.sent}, local, make([]byte, copyBuffer))
 		if !errors.Is(err, net.ErrClosed) { // closed below once the page server finished
 			t.fail(err)
 		}
@@ -55,7 +74,7 @@ func carry(channel io.ReadWriteCloser) (*os.File, *pageTunnel, error) {
 	}()
 	go func() { // destination -> CRIU (acknowledgements)
 		defer wg.Done()
-		_, err := io.Copy(local, channel)
+		_, err := io.CopyBuffer(local, channel, make([]byte, 64<<10))
 		if err != nil && !errors.Is(err, net.ErrClosed) {
 			t.fail(err)
 		}
