@@ -413,3 +413,37 @@ func TestPostCopyTransferBreaks(t *testing.T) {
 		t.Errorf("%d live copies", n)
 	}
 }
+
+// A migration whose source vanished after preparing it is swept away: its page
+// server and images go; nothing was frozen, nothing else changes.
+func TestSweepStalePreparedMigration(t *testing.T) {
+	p := newPair(t)
+	p.dst.StaleAfter = 100 * time.Millisecond
+	rec := p.run(t, "counter", "counter")
+	caps, err := p.src.Caps(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.dst.Prepare(context.Background(), migrate.PrepareRequest{ID: "orphan-1", Workload: rec, Strategy: migrate.StopCopy, Source: caps}); err != nil {
+		t.Fatal(err)
+	}
+	if ents, _ := os.ReadDir(p.dst.WorkDir); len(ents) != 1 {
+		t.Fatalf("prepared migration has %d directories", len(ents))
+	}
+	if got := p.dst.Sweep(context.Background()); len(got) != 0 {
+		t.Errorf("swept a fresh migration: %v", got)
+	}
+	time.Sleep(150 * time.Millisecond)
+	if got := p.dst.Sweep(context.Background()); len(got) != 1 || got[0] != "orphan-1" {
+		t.Fatalf("Sweep = %v, want the orphan", got)
+	}
+	if ents, _ := os.ReadDir(p.dst.WorkDir); len(ents) != 0 {
+		t.Errorf("sweep left %d directories", len(ents))
+	}
+	if len(p.dst.Pending()) != 0 {
+		t.Errorf("still pending: %v", p.dst.Pending())
+	}
+	if a, _ := p.a.Get("counter"); a.State != workload.Running {
+		t.Errorf("source workload: %s", a.State)
+	}
+}

@@ -40,6 +40,9 @@ type Target struct {
 	// Caps returns this host's capabilities.
 	Caps func(ctx context.Context) (Capabilities, error)
 	Log  *logrus.Entry
+	// StaleAfter is how long a migration may stay prepared without being restored
+	// before Sweep aborts it (its source died or gave up); 0 means 10 minutes.
+	StaleAfter time.Duration
 
 	mu sync.Mutex
 	m  map[string]*incoming
@@ -47,6 +50,7 @@ type Target struct {
 
 type incoming struct {
 	req      PrepareRequest
+	created  time.Time
 	dir      string
 	ps       *checkpoint.PageServer
 	tunnel   *os.File // our end of the page channel; nil once handed out
@@ -107,7 +111,7 @@ func (t *Target) Prepare(ctx context.Context, req PrepareRequest) (PrepareRespon
 		t.mu.Unlock()
 		return PrepareResponse{}, fmt.Errorf("%w: migration %s already exists", ErrPreflight, req.ID)
 	}
-	in := &incoming{req: req, dir: filepath.Join(t.WorkDir, req.ID), busy: true}
+	in := &incoming{req: req, dir: filepath.Join(t.WorkDir, req.ID), busy: true, created: time.Now()}
 	t.m[req.ID] = in
 	t.mu.Unlock()
 
@@ -381,6 +385,40 @@ func (t *Target) Abort(ctx context.Context, id string) error {
 	t.drop(in)
 	t.log().WithField("migration", id).Info("migration aborted")
 	return errors.Join(errs...)
+}
+
+// Sweep aborts the migrations that were prepared longer than StaleAfter ago and
+// never restored: their page servers, daemons and images go. It returns their ids.
+// A restored migration is never swept: its copy may be the only live one.
+func (t *Target) Sweep(ctx context.Context) []string {
+	stale := t.StaleAfter
+	if stale == 0 {
+		stale = 10 * time.Minute
+	}
+	t.mu.Lock()
+	var ids []string
+	for id, in := range t.m {
+		if !in.restored && !in.busy && time.Since(in.created) > stale {
+			ids = append(ids, id)
+		}
+	}
+	t.mu.Unlock()
+	for _, id := range ids {
+		t.log().WithField("migration", id).Warn("aborting a stale incoming migration")
+		_ = t.Abort(ctx, id)
+	}
+	return ids
+}
+
+// Pending lists the migrations this host is receiving.
+func (t *Target) Pending() []string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	ids := make([]string, 0, len(t.m))
+	for id := range t.m {
+		ids = append(ids, id)
+	}
+	return ids
 }
 
 // drop forgets a migration and removes its page server and images.

@@ -70,12 +70,18 @@ type clusterNode struct {
 	etcd   *cluster.Embedded
 	reg    *cluster.Registration
 	agent  *http.Server
+	stop   context.CancelFunc // ends the janitor
+	swept  chan struct{}
 	tls    *tls.Config
 	files  pki.Files
 	source *migrate.Source
 }
 
 func (n *clusterNode) close() {
+	if n.stop != nil {
+		n.stop()
+		<-n.swept
+	}
 	if n.agent != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 		_ = n.agent.Shutdown(ctx)
@@ -158,6 +164,23 @@ func (d *Daemon) joinCluster(ctx context.Context) (*clusterNode, error) {
 			return nil, fmt.Errorf("migration directory: %w", err)
 		}
 	}
+
+	// The janitor aborts incoming migrations whose source vanished.
+	jctx, stop := context.WithCancel(context.Background())
+	n.stop, n.swept = stop, make(chan struct{})
+	go func() {
+		defer close(n.swept)
+		t := time.NewTicker(time.Minute)
+		defer t.Stop()
+		for {
+			select {
+			case <-jctx.Done():
+				return
+			case <-t.C:
+				target.Sweep(jctx)
+			}
+		}
+	}()
 
 	ln, err := tls.Listen("tcp", cfg.Listen, n.tls)
 	if err != nil {
