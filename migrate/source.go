@@ -239,14 +239,14 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 		report(PhaseRollback, res.PageBytes+res.ImageBytes, cause.Error())
 		rctx := context.WithoutCancel(ctx)
 		var errs []error
-		if vipsDown {
-			for _, v := range rec.VIPs {
-				if err := s.VIPs.Add(rctx, v); err != nil {
-					errs = append(errs, fmt.Errorf("restore service address %s: %w", v, err))
-				}
+		resume := func() { // Resume also brings the service addresses back
+			if _, err := s.Workloads.Resume(rec.Name); err != nil {
+				errs = append(errs, err)
 			}
 		}
-		if postCopy {
+		if !postCopy {
+			resume()
+		} else {
 			// Cancelling the destination ends the lazy dump. Had it served every page,
 			// the tree is frozen; had it failed, CRIU resumed the tree but left its
 			// connections locked.
@@ -254,21 +254,24 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 			case r := <-dumped:
 				dumped <- r
 				if r.err == nil {
-					if _, err := s.Workloads.Resume(rec.Name); err != nil {
-						errs = append(errs, err)
+					resume()
+					break
+				}
+				if vipsDown {
+					for _, v := range rec.VIPs {
+						if err := s.VIPs.Add(rctx, v); err != nil {
+							errs = append(errs, fmt.Errorf("restore service address %s: %w", v, err))
+						}
 					}
-				} else {
-					s.unlockResumed(rec, dir)
+				}
+				s.unlockResumed(rec, dir)
+				if vipsDown {
+					for _, v := range rec.VIPs {
+						_ = s.VIPs.Announce(rctx, v)
+					}
 				}
 			case <-time.After(30 * time.Second):
 				errs = append(errs, errors.New("the lazy dump did not end"))
-			}
-		} else if _, err := s.Workloads.Resume(rec.Name); err != nil {
-			errs = append(errs, err)
-		}
-		if vipsDown {
-			for _, v := range rec.VIPs {
-				_ = s.VIPs.Announce(rctx, v)
 			}
 		}
 		log.WithError(cause).Warn("migration rolled back; workload resumed on the source")

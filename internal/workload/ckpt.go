@@ -151,6 +151,10 @@ func (m *Manager) Resume(name string) (Record, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	defer m.release(e)
+	// Its service addresses may have left with a migration that did not finish.
+	if err := m.vipsUp(context.Background(), e.rec.VIPs); err != nil {
+		return e.rec, fmt.Errorf("resume %s: %w", name, err)
+	}
 	if err := checkpoint.Rollback(e.rec.Pid, e.rec.LockTable); err != nil {
 		return e.rec, fmt.Errorf("resume %s: %w", name, err)
 	}
