@@ -1,0 +1,3 @@
+package ebpf
+
+//go:generate go tool bpf2go -tags linux -target amd64 -type event -type mem_val -type sock_key probes probes.c -- -I. -O2 -g
