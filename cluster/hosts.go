@@ -67,6 +67,9 @@ func (s *Store) Register(ctx context.Context, h Host, ttl time.Duration) (*Regis
 	return r, nil
 }
 
+// Lease is the registration's lease: keys written under it vanish with the host.
+func (r *Registration) Lease() clientv3.LeaseID { return r.lease }
+
 // Close withdraws the registration at once.
 func (r *Registration) Close() error {
 	r.cancel()

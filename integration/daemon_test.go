@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -23,6 +24,7 @@ func TestMain(m *testing.M) { os.Exit(testutil.Main(m)) }
 // host is one duplexd under test, with its own state directory, socket and cgroups.
 type host struct {
 	t      *testing.T
+	extra  []string // more duplexd flags
 	dir    string
 	socket string
 	cg     string
@@ -34,7 +36,7 @@ type host struct {
 
 // newHost builds the binaries and starts a duplexd that is stopped (and its
 // workloads killed) when the test ends.
-func newHost(t *testing.T) *host {
+func newHost(t *testing.T, extra ...string) *host {
 	t.Helper()
 	testutil.RequiresRoot(t)
 	base, err := os.MkdirTemp("", "duplex-it-")
@@ -45,7 +47,7 @@ func newHost(t *testing.T) *host {
 	if err := os.Chmod(base, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	h := &host{t: t, dir: base, socket: filepath.Join(base, "duplexd.sock"), cg: testutil.CgroupParent(t)}
+	h := &host{t: t, dir: base, socket: filepath.Join(base, "duplexd.sock"), cg: testutil.CgroupParent(t), extra: extra}
 	h.ctl = filepath.Join(base, "duplexctl")
 	copyFile(t, testutil.Build(t, "./cmd/duplexctl"), h.ctl)
 	h.start()
@@ -80,8 +82,15 @@ func (h *host) start() {
 	h.t.Helper()
 	bin := testutil.Build(h.t, "./cmd/duplexd")
 	h.logs = &bytes.Buffer{}
-	h.daemon = exec.Command(bin, "--state-dir", filepath.Join(h.dir, "state"), "--socket", h.socket,
-		"--cgroup-parent", h.cg, "--log-level", "debug", "--config", "/dev/null")
+	args := []string{"--state-dir", filepath.Join(h.dir, "state"), "--socket", h.socket,
+		"--cgroup-parent", h.cg, "--log-level", "debug", "--run-dir", filepath.Join(h.dir, "run")}
+	if !slices.Contains(h.extra, "--config") {
+		args = append(args, "--config", "/dev/null")
+	}
+	if !slices.Contains(h.extra, "--metrics-listen") {
+		args = append(args, "--metrics-listen", "")
+	}
+	h.daemon = exec.Command(bin, append(args, h.extra...)...)
 	h.daemon.Stdout, h.daemon.Stderr = h.logs, h.logs
 	if err := h.daemon.Start(); err != nil {
 		h.t.Fatal(err)
@@ -435,7 +444,7 @@ func TestConfigFile(t *testing.T) {
 		t.Fatal(err)
 	}
 	var logs bytes.Buffer
-	d := exec.Command(bin, "--config", good, "--log-level", "debug")
+	d := exec.Command(bin, "--config", good, "--log-level", "debug", "--metrics-listen", "")
 	d.Stderr = &logs
 	if err := d.Start(); err != nil {
 		t.Fatal(err)

@@ -186,4 +186,3 @@ func noisy(base, swing int64, period time.Duration, busy float64, seed uint64) e
 		time.Sleep(period)
 	}
 }
-

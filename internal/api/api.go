@@ -5,7 +5,9 @@ package api
 import (
 	"time"
 
+	"github.com/duplex-ha/duplex/cgroupmon"
 	"github.com/duplex-ha/duplex/checkpoint"
+	"github.com/duplex-ha/duplex/internal/detect"
 	"github.com/duplex-ha/duplex/internal/workload"
 	"github.com/duplex-ha/duplex/migrate"
 )
@@ -45,6 +47,18 @@ type Info struct {
 	CRIU         string `json:"criu"`
 	CgroupParent string `json:"cgroup_parent"`
 	Workloads    int    `json:"workloads"`
+}
+
+// Status is what `duplexctl status` shows: the host's latest sample and the aging
+// detector's verdict.
+type Status struct {
+	Host    string               `json:"host"`
+	Verdict detect.Verdict       `json:"verdict"`
+	Sample  cgroupmon.HostSample `json:"sample"`
+	// EBPF says whether the eBPF probes run, and if not, why.
+	EBPF string `json:"ebpf"`
+	// Events counts the probes' events by "kind/workload".
+	Events map[string]int64 `json:"ebpf_events,omitempty"`
 }
 
 // StopRequest asks to stop a workload.

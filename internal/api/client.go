@@ -168,6 +168,12 @@ func (c *Client) Restore(ctx context.Context, req RestoreRequest) (RestoreRespon
 	return r, c.do(ctx, http.MethodPost, "/v1/restore", req, &r)
 }
 
+// Status returns the host's latest sample and verdict.
+func (c *Client) Status(ctx context.Context) (Status, error) {
+	var s Status
+	return s, c.do(ctx, http.MethodGet, "/v1/status", nil, &s)
+}
+
 // Hosts lists the cluster's live hosts.
 func (c *Client) Hosts(ctx context.Context) ([]cluster.Host, error) {
 	var h []cluster.Host

@@ -59,7 +59,7 @@ so that CRIU can checkpoint it and restore it here or on another host.`,
 	root.AddCommand(
 		a.runCmd(), a.psCmd(), a.stopCmd(), a.rmCmd(), a.logsCmd(),
 		a.checkpointCmd(), a.restoreCmd(), a.resumeCmd(),
-		a.hostsCmd(), a.migrateCmd(), a.certsCmd(),
+		a.statusCmd(), a.hostsCmd(), a.migrateCmd(), a.certsCmd(),
 		a.doctorCmd(), a.versionCmd(),
 	)
 	return root

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/sirupsen/logrus"
 	"github.com/spf13/cobra"
@@ -24,6 +25,10 @@ type fileConfig struct {
 	Config    `json:",inline"`
 	LogLevel  string `json:"log_level"`
 	LogFormat string `json:"log_format"`
+	// SampleEvery and DetectSection shadow the Config fields of the same JSON
+	// names, which the file writes as "250ms" rather than nanoseconds.
+	SampleEvery   *api.Duration `json:"sample_interval"`
+	DetectSection detectFile    `json:"detect"`
 }
 
 // NewCommand returns duplexd's command line.
@@ -81,6 +86,8 @@ Settings come from flags, then the config file (YAML, keys as the flags with
 	f.StringSliceVar(&fc.EtcdEndpoints, "etcd-endpoints", nil, "external etcd cluster (https URLs); empty: run an embedded etcd")
 	f.StringVar(&fc.EtcdListen, "etcd-listen", "", "embedded etcd client URL (default https://ADVERTISE-IP:2379)")
 	f.StringVar(&fc.EtcdPeer, "etcd-peer", "", "embedded etcd peer URL (default http://127.0.0.1:2380)")
+	f.StringVar(&fc.MetricsListen, "metrics-listen", "127.0.0.1:9464", "address for Prometheus metrics at /metrics (\"\" for none)")
+	f.DurationVar(&fc.SampleInterval, "sample-interval", time.Second, "how often the monitor samples the host and its workloads")
 	f.StringVar(&fc.LogLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&fc.LogFormat, "log-format", "text", "text or json")
 	return cmd
@@ -106,6 +113,11 @@ func merge(cmd *cobra.Command, fc, file *fileConfig) {
 	set("certs", &fc.Certs, file.Certs)
 	set("etcd-listen", &fc.EtcdListen, file.EtcdListen)
 	set("etcd-peer", &fc.EtcdPeer, file.EtcdPeer)
+	set("metrics-listen", &fc.MetricsListen, file.MetricsListen)
+	if !cmd.Flags().Changed("sample-interval") && file.SampleEvery != nil {
+		fc.SampleInterval = time.Duration(*file.SampleEvery)
+	}
+	fc.Detect = file.DetectSection.config()
 	if !cmd.Flags().Changed("etcd-endpoints") && len(file.EtcdEndpoints) > 0 {
 		fc.EtcdEndpoints = file.EtcdEndpoints
 	}

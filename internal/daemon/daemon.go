@@ -17,6 +17,7 @@ import (
 
 	"github.com/duplex-ha/duplex/checkpoint"
 	"github.com/duplex-ha/duplex/internal/api"
+	"github.com/duplex-ha/duplex/internal/detect"
 	"github.com/duplex-ha/duplex/internal/reaper"
 	"github.com/duplex-ha/duplex/internal/workload"
 	"github.com/duplex-ha/duplex/netfail"
@@ -42,6 +43,13 @@ type Config struct {
 	EtcdEndpoints []string `json:"etcd_endpoints"`
 	EtcdListen    string   `json:"etcd_listen"` // embedded etcd client URL; default https://ADVERTISE-IP:2379
 	EtcdPeer      string   `json:"etcd_peer"`   // embedded etcd peer URL; default http://127.0.0.1:2380
+
+	// MetricsListen is where Prometheus metrics are served ("" for nowhere).
+	MetricsListen string `json:"metrics_listen"`
+	// SampleInterval is how often the monitor samples the host; 0 means 1 s.
+	SampleInterval time.Duration `json:"-"`
+	// Detect configures the aging detector (thresholds, hold period, trend window).
+	Detect detect.Config `json:"-"`
 
 	// SocketMode is the permission of the socket file; only root may connect
 	// whatever it is, because the daemon checks each peer's credentials.
@@ -81,6 +89,7 @@ type Daemon struct {
 	wl      *workload.Manager
 	vips    *vipController
 	cluster *clusterNode // nil on a single host
+	mon     *monitor
 }
 
 // Run serves until ctx ends, then stops serving and leaves the workloads running
@@ -124,12 +133,25 @@ func Run(ctx context.Context, cfg Config, log *logrus.Entry) error {
 	defer wl.Cleanup() // the shared cgroup parent, once empty
 	defer wl.Close()
 	d := &Daemon{cfg: cfg, log: log, eng: eng, wl: wl, vips: vips}
+	interval := cfg.SampleInterval
+	if interval <= 0 {
+		interval = time.Second
+	}
+	// A bad detector configuration is refused before anything starts.
+	if d.mon, err = newMonitor(d, interval, cfg.Detect); err != nil {
+		return fmt.Errorf("detector configuration: %w", err)
+	}
 	if cfg.Listen != "" {
 		if d.cluster, err = d.joinCluster(ctx); err != nil {
 			return err
 		}
 		defer d.cluster.close()
 	}
+	stopMonitor, err := d.mon.start(ctx, cfg.MetricsListen)
+	if err != nil {
+		return fmt.Errorf("metrics on %s: %w", cfg.MetricsListen, err)
+	}
+	defer stopMonitor()
 
 	ln, err := listen(cfg.Socket, cfg.SocketMode)
 	if err != nil {

@@ -10,6 +10,8 @@ import (
 	"github.com/containerd/cgroups/v3/cgroup1"
 	"github.com/containerd/cgroups/v3/cgroup2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/duplex-ha/duplex/cgroupmon"
 )
 
 // cgroupDriver places workloads in cgroups on whatever layout the host has: a v1
@@ -45,6 +47,11 @@ func (d *cgroupDriver) create(path string, memLimit int64) error {
 		}
 		if _, err := cgroup1.New(cgroup1.StaticPath(path), res, v1Memory()); err != nil {
 			return fmt.Errorf("create memory cgroup %s: %w", path, err)
+		}
+		// v1 charges socket buffers only once accounting is on, and only for sockets
+		// created after: switch it on before the workload starts.
+		if err := cgroupmon.New(cgroupmon.Options{}).EnableSockAccounting(path); err != nil {
+			return fmt.Errorf("socket accounting for %s: %w", path, err)
 		}
 	}
 	if d.v2 {

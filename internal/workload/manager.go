@@ -482,6 +482,15 @@ func (m *Manager) Remove(name string) error {
 	return nil
 }
 
+// CgroupDir returns the cgroup2 directory of a workload ("" on a host without
+// cgroup2): the group eBPF programs see as bpf_get_current_cgroup_id.
+func (m *Manager) CgroupDir(name string) string {
+	if !m.cg.v2 {
+		return ""
+	}
+	return filepath.Join(m.cg.v2Mount, m.cgroupPath(name))
+}
+
 // Cleanup removes the shared cgroup parent once no workload is left in it.
 func (m *Manager) Cleanup() { m.cg.removeParent(m.cfg.CgroupParent) }
 

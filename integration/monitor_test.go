@@ -1,0 +1,122 @@
+package integration
+
+import (
+	"encoding/json"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/duplex-ha/duplex/internal/api"
+	"github.com/duplex-ha/duplex/internal/testutil"
+)
+
+// detectorConfig is a duplexd config file with a fast detector: 250 ms samples, a 5 s
+// hold period and a 10 s trend window.
+func detectorConfig(t *testing.T, extra string) string {
+	p := filepath.Join(t.TempDir(), "duplexd.yaml")
+	cfg := "sample_interval: 250ms\ndetect:\n  hold: 5s\n  trend_window: 10s\n  min_samples: 12\n" + extra
+	if err := os.WriteFile(p, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func (h *host) status() api.Status {
+	h.t.Helper()
+	var st api.Status
+	if err := json.Unmarshal([]byte(h.must("status", "-o", "json")), &st); err != nil {
+		h.t.Fatal(err)
+	}
+	return st
+}
+
+// A workload leaking 20 MiB/s makes the host unstable, blamed on it, within 10 s.
+func TestLeakIsDetectedAndAttributed(t *testing.T) {
+	h := newHost(t, "--config", detectorConfig(t, ""))
+	load := filepath.Join(h.dir, "duplex-load")
+	copyFile(t, testutil.Build(t, "./cmd/duplex-load"), load)
+	h.must("run", "steady", "--", "sleep", "300")
+	time.Sleep(2 * time.Second) // a baseline without the leak
+	if st := h.status(); st.Verdict.Unstable {
+		t.Fatalf("unstable before any leak: %+v", st.Verdict.Reasons)
+	}
+	start := time.Now()
+	h.must("run", "leaky", "--", load, "leak", "--rate", "20M", "--max", "1G")
+	var st api.Status
+	testutil.Eventually(t, 10*time.Second, "the leak to be detected", func() bool {
+		st = h.status()
+		return st.Verdict.Unstable
+	})
+	t.Logf("unstable after %s: reasons %+v, time to exhaustion %s", time.Since(start).Round(100*time.Millisecond), st.Verdict.Reasons, st.Verdict.TimeToExhaustion)
+	blamed := false
+	for _, r := range st.Verdict.Reasons {
+		if r.Workload == "leaky" {
+			blamed = true
+		}
+		if r.Workload == "steady" {
+			t.Errorf("the steady workload was blamed: %+v", r)
+		}
+	}
+	if !blamed || len(st.Verdict.Top) == 0 || st.Verdict.Top[0].Workload != "leaky" {
+		t.Errorf("leak not attributed to its workload: reasons %+v top %+v", st.Verdict.Reasons, st.Verdict.Top)
+	}
+	table := h.must("status")
+	if !strings.Contains(table, "UNSTABLE") || !strings.Contains(table, "leaky") {
+		t.Errorf("status table:\n%s", table)
+	}
+}
+
+func TestBadDetectorConfigRefused(t *testing.T) {
+	testutil.RequiresRoot(t)
+	bin := testutil.Build(t, "./cmd/duplexd")
+	for field, cfg := range map[string]string{
+		"hold":           "detect:\n  hold: -5s\n",
+		"memory_percent": "detect:\n  memory_percent: 150\n",
+		"bogus":          "detect:\n  bogus: 1\n",
+		"metrics":        "detect:\n  metrics: [memory, temperature]\n",
+	} {
+		p := filepath.Join(t.TempDir(), "bad.yaml")
+		if err := os.WriteFile(p, []byte(cfg), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		out, err := runDaemonOnce(bin, "--config", p, "--state-dir", filepath.Join(t.TempDir(), "s"), "--socket", filepath.Join(t.TempDir(), "s.sock"), "--metrics-listen", "")
+		if err == nil || !strings.Contains(out, field) {
+			t.Errorf("config %q: %v\n%s\nwant an error naming %q", cfg, err, out, field)
+		}
+	}
+}
+
+func TestMetricsEndpoint(t *testing.T) {
+	h := newHost(t, "--metrics-listen", "127.0.0.1:0")
+	h.must("run", "sleeper", "--", "sleep", "300")
+	re := regexp.MustCompile(`serving Prometheus metrics.*addr="?([0-9.:]+)`)
+	var addr string
+	testutil.Eventually(t, 10*time.Second, "the metrics address in the log", func() bool {
+		m := re.FindStringSubmatch(h.logs.String())
+		if m != nil {
+			addr = m[1]
+		}
+		return addr != ""
+	})
+	var body string
+	testutil.Eventually(t, 10*time.Second, "the workload in the metrics", func() bool {
+		resp, err := http.Get("http://" + addr + "/metrics")
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		body = string(b)
+		return strings.Contains(body, `duplex_workload_memory_bytes{kind="usage",workload="sleeper"}`)
+	})
+	for _, m := range []string{"duplex_host_memory_available_bytes", "duplex_host_load1", "duplex_host_unstable 0", "duplex_workloads_running 1"} {
+		if !strings.Contains(body, m) {
+			t.Errorf("metrics lack %s", m)
+		}
+	}
+}

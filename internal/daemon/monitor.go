@@ -1,0 +1,258 @@
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/sirupsen/logrus"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/duplex-ha/duplex/cgroupmon"
+	"github.com/duplex-ha/duplex/ebpf"
+	"github.com/duplex-ha/duplex/internal/api"
+	"github.com/duplex-ha/duplex/internal/detect"
+	"github.com/duplex-ha/duplex/internal/workload"
+)
+
+// monitor samples the host every interval, judges it, and publishes the verdict:
+// in memory for `duplexctl status`, as Prometheus metrics, and in the cluster store
+// for the controller.
+type monitor struct {
+	d        *Daemon
+	interval time.Duration
+	col      *cgroupmon.Collector
+	det      *detect.Detector
+	probes   *ebpf.Probes
+	log      *logrus.Entry
+
+	mu     sync.Mutex
+	status api.Status
+
+	reg     *prometheus.Registry
+	gauges  map[string]prometheus.Gauge
+	wlMem   *prometheus.GaugeVec
+	wlGrow  *prometheus.GaugeVec
+	events  *prometheus.CounterVec
+	metrics *http.Server
+}
+
+func newMonitor(d *Daemon, interval time.Duration, cfg detect.Config) (*monitor, error) {
+	det, err := detect.New(cfg)
+	if err != nil {
+		return nil, err
+	}
+	m := &monitor{d: d, interval: interval, col: cgroupmon.New(cgroupmon.Options{SockAccountParent: "/" + d.cfg.CgroupParent}), det: det, log: d.log.WithField("part", "monitor"),
+		reg: prometheus.NewRegistry(), gauges: map[string]prometheus.Gauge{}}
+	m.status.Host = d.cfg.Name
+	for name, help := range map[string]string{
+		"duplex_host_memory_total_bytes":         "Memory of the host.",
+		"duplex_host_memory_available_bytes":     "Memory available on the host (MemAvailable).",
+		"duplex_host_buffers_bytes":              "Buffers and page cache of the host.",
+		"duplex_host_socket_memory_bytes":        "Memory in socket buffers on the host.",
+		"duplex_host_load1":                      "One-minute load average.",
+		"duplex_host_uptime_seconds":             "Continuous running time of the host.",
+		"duplex_host_memory_pressure_some10":     "Memory pressure (PSI some avg10, percent).",
+		"duplex_host_unstable":                   "1 when the aging detector judges the host unstable.",
+		"duplex_host_time_to_exhaustion_seconds": "Predicted time until a resource runs out (0: none predicted).",
+		"duplex_workloads_running":               "Workloads running on this host.",
+		"duplex_ebpf_probes_running":             "1 when the eBPF probes are loaded.",
+	} {
+		g := prometheus.NewGauge(prometheus.GaugeOpts{Name: name, Help: help})
+		m.reg.MustRegister(g)
+		m.gauges[name] = g
+	}
+	m.wlMem = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "duplex_workload_memory_bytes", Help: "Memory of a workload's cgroup."}, []string{"workload", "kind"})
+	m.wlGrow = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "duplex_workload_memory_growth_bytes_per_second", Help: "A workload's memory trend (Sen's slope over the detector's window)."}, []string{"workload"})
+	m.events = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "duplex_ebpf_events_total", Help: "Socket-buffer pressure and OOM events seen by the eBPF probes."}, []string{"kind", "workload"})
+	m.reg.MustRegister(m.wlMem, m.wlGrow, m.events, prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+	return m, nil
+}
+
+// start loads the eBPF probes (without them the cgroup probes still run), serves
+// metrics if an address is given, and runs the sampling loop until ctx ends.
+func (m *monitor) start(ctx context.Context, metricsAddr string) (stop func(), err error) {
+	p, perr := ebpf.Load(ebpf.Options{})
+	if perr != nil {
+		m.status.EBPF = "unavailable: " + perr.Error()
+		m.log.WithError(perr).Warn("eBPF probes unavailable; cgroup probes only")
+	} else {
+		m.probes = p
+		m.status.EBPF = "running"
+		m.gauges["duplex_ebpf_probes_running"].Set(1)
+	}
+	if metricsAddr != "" {
+		ln, err := net.Listen("tcp", metricsAddr)
+		if err != nil {
+			if m.probes != nil {
+				m.probes.Close()
+			}
+			return nil, err
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
+		m.metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		go func() {
+			if err := m.metrics.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				m.log.WithError(err).Error("metrics server stopped")
+			}
+		}()
+		m.log.WithField("addr", ln.Addr().String()).Info("serving Prometheus metrics")
+	}
+	lctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		m.loop(lctx)
+	}()
+	if m.probes != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			m.countEvents(lctx)
+		}()
+	}
+	return func() {
+		cancel()
+		if m.probes != nil {
+			m.probes.Close()
+		}
+		wg.Wait()
+		if m.metrics != nil {
+			sctx, c := context.WithTimeout(context.Background(), 2*time.Second)
+			_ = m.metrics.Shutdown(sctx)
+			c()
+		}
+	}, nil
+}
+
+func (m *monitor) loop(ctx context.Context) {
+	t := time.NewTicker(m.interval)
+	defer t.Stop()
+	wasUnstable := false
+	for {
+		m.sampleOnce(ctx, &wasUnstable)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func (m *monitor) running() map[string]string {
+	out := map[string]string{}
+	for _, r := range m.d.wl.List() {
+		if r.State == workload.Running {
+			out[r.Name] = r.Cgroup
+		}
+	}
+	return out
+}
+
+func (m *monitor) sampleOnce(ctx context.Context, wasUnstable *bool) {
+	s, err := m.col.Host(ctx, m.running())
+	if err != nil {
+		m.log.WithError(err).Warn("sampling the host")
+		return
+	}
+	v := m.det.Observe(s)
+	m.mu.Lock()
+	m.status.Sample, m.status.Verdict = s, v
+	m.mu.Unlock()
+
+	g := m.gauges
+	g["duplex_host_memory_total_bytes"].Set(float64(s.MemTotal))
+	g["duplex_host_memory_available_bytes"].Set(float64(s.MemAvailable))
+	g["duplex_host_buffers_bytes"].Set(float64(s.Buffers + s.Cached))
+	g["duplex_host_socket_memory_bytes"].Set(float64(s.SockMem))
+	g["duplex_host_load1"].Set(s.Load1)
+	g["duplex_host_uptime_seconds"].Set(s.Uptime.Seconds())
+	g["duplex_host_memory_pressure_some10"].Set(s.PressureSome10)
+	g["duplex_host_time_to_exhaustion_seconds"].Set(v.TimeToExhaustion.Seconds())
+	g["duplex_workloads_running"].Set(float64(len(s.Workloads)))
+	unstable := 0.0
+	if v.Unstable {
+		unstable = 1
+	}
+	g["duplex_host_unstable"].Set(unstable)
+	m.wlMem.Reset()
+	for _, w := range s.Workloads {
+		m.wlMem.WithLabelValues(w.Name, "usage").Set(float64(w.Usage))
+		m.wlMem.WithLabelValues(w.Name, "anon").Set(float64(w.Anon))
+		m.wlMem.WithLabelValues(w.Name, "cache").Set(float64(w.Cache))
+		m.wlMem.WithLabelValues(w.Name, "sock").Set(float64(w.Sock))
+	}
+	m.wlGrow.Reset()
+	for _, gr := range v.Top {
+		m.wlGrow.WithLabelValues(gr.Workload).Set(gr.BytesPerSecond)
+	}
+	if v.Unstable != *wasUnstable {
+		*wasUnstable = v.Unstable
+		m.log.WithFields(logrus.Fields{"unstable": v.Unstable, "reasons": len(v.Reasons)}).Warn("host verdict changed")
+	}
+	m.publish(ctx, v)
+}
+
+// publish writes the verdict where the cluster controller reads it, under this
+// host's registration lease so that it goes with the host.
+func (m *monitor) publish(ctx context.Context, v detect.Verdict) {
+	c := m.d.cluster
+	if c == nil || c.store == nil || c.reg == nil {
+		return
+	}
+	b, err := json.Marshal(v)
+	if err != nil {
+		return
+	}
+	pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if _, err := c.store.Client().Put(pctx, "/duplex/verdicts/"+m.d.cfg.Name, string(b), clientv3.WithLease(c.reg.Lease())); err != nil {
+		m.log.WithError(err).Debug("publishing the verdict")
+	}
+}
+
+// countEvents turns the probes' events into metrics and status counters, per workload.
+func (m *monitor) countEvents(ctx context.Context) {
+	for ev := range m.probes.Events(ctx) {
+		name := m.workloadOf(ev.CgroupID)
+		m.events.WithLabelValues(ev.Kind, name).Inc()
+		m.mu.Lock()
+		if m.status.Events == nil {
+			m.status.Events = map[string]int64{}
+		}
+		m.status.Events[ev.Kind+"/"+name]++
+		m.mu.Unlock()
+	}
+}
+
+// workloadOf maps a cgroup2 id to the running workload in that group ("" if none).
+func (m *monitor) workloadOf(id uint64) string {
+	for _, r := range m.d.wl.List() {
+		if r.State != workload.Running {
+			continue
+		}
+		if got, err := ebpf.CgroupID(m.d.wl.CgroupDir(r.Name)); err == nil && got == id {
+			return r.Name
+		}
+	}
+	return ""
+}
+
+func (m *monitor) snapshot() api.Status {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	s := m.status
+	s.Events = map[string]int64{}
+	for k, v := range m.status.Events {
+		s.Events[k] = v
+	}
+	return s
+}
