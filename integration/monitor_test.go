@@ -120,3 +120,27 @@ func TestMetricsEndpoint(t *testing.T) {
 		}
 	}
 }
+
+// A workload that fills its socket buffers is seen by the eBPF probe (attributed to
+// it through its cgroup) and in its socket-memory figure.
+func TestSocketBufferHogSeen(t *testing.T) {
+	h := newHost(t, "--config", detectorConfig(t, ""))
+	load := filepath.Join(h.dir, "duplex-load")
+	copyFile(t, testutil.Build(t, "./cmd/duplex-load"), load)
+	h.must("run", "hog", "--socket-memory", "1M", "--", load, "sockhog", "--rate", "0")
+	var st api.Status
+	testutil.Eventually(t, 15*time.Second, "socket-buffer events and figures for the hog", func() bool {
+		st = h.status()
+		var sock uint64
+		for _, w := range st.Sample.Workloads {
+			if w.Name == "hog" {
+				sock = w.Sock
+			}
+		}
+		return st.Events["sock_exceed_buf_limit/hog"] > 0 && sock > 0
+	})
+	t.Logf("ebpf %s, events %v", st.EBPF, st.Events)
+	if out := h.must("status"); !strings.Contains(out, "sock_exceed_buf_limit") {
+		t.Errorf("status does not show the events:\n%s", out)
+	}
+}

@@ -23,7 +23,7 @@ func signalContext() (context.Context, context.CancelFunc) {
 
 func (a *app) runCmd() *cobra.Command {
 	var env, vips []string
-	var cwd, memory string
+	var cwd, memory, sockMemory string
 	var inheritEnv bool
 	cmd := &cobra.Command{
 		Use:   "run NAME -- COMMAND [ARGS...]",
@@ -69,6 +69,13 @@ Without --env or --inherit-env the workload gets a minimal environment
 				}
 				spec.MemoryLimit = n
 			}
+			if sockMemory != "" {
+				n, err := units.RAMInBytes(sockMemory)
+				if err != nil {
+					return fmt.Errorf("--socket-memory %q: %w", sockMemory, err)
+				}
+				spec.SocketMemoryLimit = n
+			}
 			rec, err := a.client().Run(ctxOf(cmd), spec)
 			if err != nil {
 				return err
@@ -84,6 +91,7 @@ Without --env or --inherit-env the workload gets a minimal environment
 	cmd.Flags().BoolVar(&inheritEnv, "inherit-env", false, "pass duplexctl's own environment to the workload")
 	cmd.Flags().StringVar(&cwd, "cwd", "", "working directory (default: duplexctl's current directory)")
 	cmd.Flags().StringVar(&memory, "memory", "", "memory limit, e.g. 512M or 2G")
+	cmd.Flags().StringVar(&sockMemory, "socket-memory", "", "limit of the workload's TCP socket buffers, e.g. 4M (cgroup v1)")
 	cmd.Flags().StringArrayVar(&vips, "vip", nil, "service address ADDR/PREFIX@LINK that moves with the workload (repeatable)")
 	return cmd
 }

@@ -39,7 +39,7 @@ func v1Memory() cgroup1.InitOpts {
 }
 
 // create makes the workload's cgroups and applies its limits.
-func (d *cgroupDriver) create(path string, memLimit int64) error {
+func (d *cgroupDriver) create(path string, memLimit, sockLimit int64) error {
 	if d.v1 {
 		res := &specs.LinuxResources{}
 		if memLimit > 0 {
@@ -48,9 +48,14 @@ func (d *cgroupDriver) create(path string, memLimit int64) error {
 		if _, err := cgroup1.New(cgroup1.StaticPath(path), res, v1Memory()); err != nil {
 			return fmt.Errorf("create memory cgroup %s: %w", path, err)
 		}
-		// v1 charges socket buffers only once accounting is on, and only for sockets
-		// created after: switch it on before the workload starts.
-		if err := cgroupmon.New(cgroupmon.Options{}).EnableSockAccounting(path); err != nil {
+		// v1 charges socket buffers only once accounting is on (a limit written), and
+		// only for sockets created after: do it before the workload starts.
+		if sockLimit > 0 {
+			f := filepath.Join("/sys/fs/cgroup/memory", path, "memory.kmem.tcp.limit_in_bytes")
+			if err := os.WriteFile(f, []byte(fmt.Sprint(sockLimit)), 0o644); err != nil {
+				return fmt.Errorf("socket memory limit for %s: %w", path, err)
+			}
+		} else if err := cgroupmon.New(cgroupmon.Options{}).EnableSockAccounting(path); err != nil {
 			return fmt.Errorf("socket accounting for %s: %w", path, err)
 		}
 	}

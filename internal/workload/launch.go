@@ -93,7 +93,7 @@ func (m *Manager) start(spec Spec) (Record, int, error) {
 		_ = os.RemoveAll(dir)
 		return Record{}, 0, err
 	}
-	if err := m.cg.create(rec.Cgroup, spec.MemoryLimit); err != nil {
+	if err := m.cg.create(rec.Cgroup, spec.MemoryLimit, spec.SocketMemoryLimit); err != nil {
 		return fail(fmt.Errorf("run %s: %w", spec.Name, err))
 	}
 	stdout, err := os.OpenFile(rec.Stdout, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)

@@ -26,6 +26,9 @@ type Spec struct {
 	Cwd  string   `json:"cwd,omitempty"` // empty means /
 	// MemoryLimit caps the workload's memory in bytes (cgroup); 0 means no limit.
 	MemoryLimit int64 `json:"memory_limit,omitempty"`
+	// SocketMemoryLimit caps the workload's TCP socket buffers in bytes (cgroup v1
+	// memory.kmem.tcp.limit_in_bytes); 0 means no limit.
+	SocketMemoryLimit int64 `json:"socket_memory_limit,omitempty"`
 	// VIPs are the service addresses the workload serves on, "ADDR/PREFIX@LINK"
 	// (e.g. 10.0.0.100/24@eth0). duplexd brings them up on this host before the
 	// workload starts and moves them with it.
@@ -85,6 +88,9 @@ func (s *Spec) Validate() error {
 	}
 	if s.MemoryLimit < 0 {
 		return fmt.Errorf("%w: %s: memory limit %d is negative", ErrInvalid, s.Name, s.MemoryLimit)
+	}
+	if s.SocketMemoryLimit < 0 {
+		return fmt.Errorf("%w: %s: socket memory limit %d is negative", ErrInvalid, s.Name, s.SocketMemoryLimit)
 	}
 	return nil
 }
