@@ -48,6 +48,7 @@ bench: deps build ## Migration vs the naive baseline (table + bench.json), then 
 	$(GO) build -o $(BIN)/bench ./integration/bench
 	$(BIN)/bench --duplexd $(BIN)/duplexd --duplexctl $(BIN)/duplexctl --echoserver $(BIN)/echoserver --out bench.json
 	$(GO) test -run '^$$' -bench . -benchtime 3x -count 1 ./checkpoint/ ./netfail/
+	$(GO) test -run '^$$' -bench ProbeOverhead -benchtime 3s -count 1 ./ebpf/
 
 clean: ## Remove build output and leftovers of crashed test runs
 	rm -rf $(BIN)
