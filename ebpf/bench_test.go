@@ -18,6 +18,11 @@ func BenchmarkProbeOverhead(b *testing.B) {
 	b.Run("probes=off", func(b *testing.B) {
 		churn(b)
 	})
+	b.Run("probes=default", func(b *testing.B) {
+		// What duplexd loads unless --ebpf-memory: socket and OOM probes only.
+		loadProbes(b, ebpf.Options{NoMemory: true})
+		churn(b)
+	})
 	b.Run("probes=on,stats=off", func(b *testing.B) {
 		loadProbes(b, ebpf.Options{})
 		churn(b)

@@ -54,6 +54,11 @@ type Options struct {
 	// Methods restricts the attach methods tried, in order. Nil means
 	// tp_btf, raw_tracepoint, tracepoint (the last needs tracefs mounted).
 	Methods []string
+	// NoMemory leaves out the per-process memory probe (kmem/rss_stat, which runs
+	// on every page a process gains or loses: about 100 ns each, several percent of
+	// a core under an allocation storm) and its exit cleanup; Memory then reports
+	// nothing. The socket and OOM probes fire rarely and cost next to nothing.
+	NoMemory bool
 }
 
 // ProcMemory is one process's resident memory as last reported by kmem/rss_stat.
@@ -174,6 +179,9 @@ func Load(o Options) (*Probes, error) {
 		p.stats = s
 	}
 	for _, pr := range probeTable {
+		if o.NoMemory && (pr.name == "rss_stat" || pr.name == "sched_process_exit") {
+			continue
+		}
 		if err := p.attach(spec, pr, methods); err != nil {
 			p.closeAll()
 			return nil, err

@@ -46,6 +46,9 @@ type Config struct {
 
 	// MetricsListen is where Prometheus metrics are served ("" for nowhere).
 	MetricsListen string `json:"metrics_listen"`
+	// EBPFMemory turns on the per-process memory probe (kmem/rss_stat), which
+	// costs several percent of a core while processes allocate furiously.
+	EBPFMemory bool `json:"ebpf_memory"`
 	// SampleInterval is how often the monitor samples the host; 0 means 1 s.
 	SampleInterval time.Duration `json:"-"`
 	// Detect configures the aging detector (thresholds, hold period, trend window).
