@@ -50,6 +50,7 @@ bench: deps build ## Migration vs the naive baseline (table + bench.json), then 
 	$(GO) test -run '^$$' -bench . -benchtime 3x -count 1 ./checkpoint/ ./netfail/
 	$(GO) test -run '^$$' -bench ProbeOverhead -benchtime 3s -count 1 ./ebpf/
 	$(GO) test -run '^$$' -bench DetectionLatency -benchtime 5x -count 1 ./internal/detect/
+	$(GO) test -run '^$$' -bench MonitorOverhead -benchtime 1x -count 1 ./integration/
 
 clean: ## Remove build output and leftovers of crashed test runs
 	rm -rf $(BIN)

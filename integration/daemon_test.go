@@ -23,7 +23,7 @@ func TestMain(m *testing.M) { os.Exit(testutil.Main(m)) }
 
 // host is one duplexd under test, with its own state directory, socket and cgroups.
 type host struct {
-	t      *testing.T
+	t      testing.TB
 	extra  []string // more duplexd flags
 	dir    string
 	socket string
@@ -36,7 +36,7 @@ type host struct {
 
 // newHost builds the binaries and starts a duplexd that is stopped (and its
 // workloads killed) when the test ends.
-func newHost(t *testing.T, extra ...string) *host {
+func newHost(t testing.TB, extra ...string) *host {
 	t.Helper()
 	testutil.RequiresRoot(t)
 	base, err := os.MkdirTemp("", "duplex-it-")
@@ -68,7 +68,7 @@ func newHost(t *testing.T, extra ...string) *host {
 	return h
 }
 
-func copyFile(t *testing.T, src, dst string) {
+func copyFile(t testing.TB, src, dst string) {
 	b, err := os.ReadFile(src)
 	if err != nil {
 		t.Fatal(err)

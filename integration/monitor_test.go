@@ -178,7 +178,7 @@ func TestNoisyWorkloadNeverUnstable(t *testing.T) {
 }
 
 // daemonCPU returns the CPU time duplexd has used so far.
-func daemonCPU(t *testing.T, h *host) time.Duration {
+func daemonCPU(t testing.TB, h *host) time.Duration {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", h.daemon.Process.Pid))
 	if err != nil {
 		t.Fatal(err)

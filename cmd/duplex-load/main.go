@@ -5,6 +5,8 @@
 //	duplex-load sockhog [--rate 1M]                     fill socket buffers: a reader that stops reading
 //	duplex-load noisy  --base 200M --swing 50M [--period 1s] [--busy 0.3]
 //	                                                    busy but stable: memory swings at random around a base
+//	duplex-load churn                                   map, touch and unmap 1 MiB as fast as it can;
+//	                                                    prints "churn: N ops/s" every second
 //
 // Every mode prints one status line per second ("leak: 120 MiB held") and runs until
 // killed. Sizes take K, M and G suffixes.
@@ -21,6 +23,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func main() {
@@ -46,6 +50,8 @@ func main() {
 		err = sockhog(size(*rate))
 	case "noisy":
 		err = noisy(size(*base), size(*swing), *period, *busy, *seed)
+	case "churn":
+		err = churn()
 	default:
 		usage()
 	}
@@ -184,5 +190,28 @@ func noisy(base, swing int64, period time.Duration, busy float64, seed uint64) e
 		touch(held)
 		fmt.Printf("noisy: %d MiB held\n", len(held)>>20)
 		time.Sleep(period)
+	}
+}
+
+// churn allocates and frees memory as fast as it can: the worst case for probes that
+// run on every page a process gains or loses.
+func churn() error {
+	const size = 1 << 20
+	n := 0
+	report := time.Now()
+	for {
+		m, err := unix.Mmap(-1, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+		if err != nil {
+			return err
+		}
+		touch(m)
+		if err := unix.Munmap(m); err != nil {
+			return err
+		}
+		n++
+		if d := time.Since(report); d >= time.Second {
+			fmt.Printf("churn: %.0f ops/s\n", float64(n)/d.Seconds())
+			n, report = 0, time.Now()
+		}
 	}
 }

@@ -88,6 +88,7 @@ Settings come from flags, then the config file (YAML, keys as the flags with
 	f.StringVar(&fc.EtcdPeer, "etcd-peer", "", "embedded etcd peer URL (default http://127.0.0.1:2380)")
 	f.StringVar(&fc.MetricsListen, "metrics-listen", "127.0.0.1:9464", "address for Prometheus metrics at /metrics (\"\" for none)")
 	f.DurationVar(&fc.SampleInterval, "sample-interval", time.Second, "how often the monitor samples the host and its workloads")
+	f.BoolVar(&fc.NoEBPF, "no-ebpf", false, "do not load the eBPF probes (cgroup probes only)")
 	f.BoolVar(&fc.EBPFMemory, "ebpf-memory", false, "also run the per-process memory probe (kmem/rss_stat; costly under allocation storms)")
 	f.StringVar(&fc.LogLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&fc.LogFormat, "log-format", "text", "text or json")
@@ -119,6 +120,9 @@ func merge(cmd *cobra.Command, fc, file *fileConfig) {
 		fc.SampleInterval = time.Duration(*file.SampleEvery)
 	}
 	fc.Detect = file.DetectSection.config()
+	if !cmd.Flags().Changed("no-ebpf") && file.NoEBPF {
+		fc.NoEBPF = true
+	}
 	if !cmd.Flags().Changed("ebpf-memory") && file.EBPFMemory {
 		fc.EBPFMemory = true
 	}

@@ -46,6 +46,8 @@ type Config struct {
 
 	// MetricsListen is where Prometheus metrics are served ("" for nowhere).
 	MetricsListen string `json:"metrics_listen"`
+	// NoEBPF runs the cgroup probes only.
+	NoEBPF bool `json:"no_ebpf"`
 	// EBPFMemory turns on the per-process memory probe (kmem/rss_stat), which
 	// costs several percent of a core while processes allocate furiously.
 	EBPFMemory bool `json:"ebpf_memory"`

@@ -78,7 +78,11 @@ func newMonitor(d *Daemon, interval time.Duration, cfg detect.Config) (*monitor,
 // start loads the eBPF probes (without them the cgroup probes still run), serves
 // metrics if an address is given, and runs the sampling loop until ctx ends.
 func (m *monitor) start(ctx context.Context, metricsAddr string) (stop func(), err error) {
-	p, perr := ebpf.Load(ebpf.Options{NoMemory: !m.d.cfg.EBPFMemory})
+	var p *ebpf.Probes
+	perr := errors.New("turned off with --no-ebpf")
+	if !m.d.cfg.NoEBPF {
+		p, perr = ebpf.Load(ebpf.Options{NoMemory: !m.d.cfg.EBPFMemory})
+	}
 	if perr != nil {
 		m.status.EBPF = "unavailable: " + perr.Error()
 		m.log.WithError(perr).Warn("eBPF probes unavailable; cgroup probes only")
