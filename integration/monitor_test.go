@@ -193,3 +193,26 @@ func procAlive(pid int) bool {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	return err == nil && !strings.Contains(string(b), ") Z ")
 }
+
+// With --ebpf-memory the status lists processes from the kernel-side aggregation of
+// rss_stat, attributed to their workload, with their growth.
+func TestEBPFMemoryPerProcess(t *testing.T) {
+	h := newHost(t, "--ebpf-memory", "--sample-interval", "250ms")
+	load := filepath.Join(h.dir, "duplex-load")
+	copyFile(t, testutil.Build(t, "./cmd/duplex-load"), load)
+	h.must("run", "leaky", "--", load, "leak", "--rate", "20M", "--max", "1G")
+	pid := h.record("leaky").Pid
+	var st api.Status
+	testutil.Eventually(t, 10*time.Second, "the leaking process in the eBPF figures", func() bool {
+		st = h.status()
+		for _, p := range st.Processes {
+			if p.Pid == pid && p.Workload == "leaky" && p.Anon > 40<<20 && p.BytesPerSecond > 5<<20 {
+				return true
+			}
+		}
+		return false
+	})
+	if out := h.must("status"); !strings.Contains(out, "PROCESSES") {
+		t.Errorf("status table lacks the processes:\n%s", out)
+	}
+}

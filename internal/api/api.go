@@ -59,6 +59,18 @@ type Status struct {
 	EBPF string `json:"ebpf"`
 	// Events counts the probes' events by "kind/workload".
 	Events map[string]int64 `json:"ebpf_events,omitempty"`
+	// Processes are the largest processes by anonymous memory, from the eBPF
+	// memory probe (--ebpf-memory), with their growth since the previous sample.
+	Processes []ProcessMemory `json:"processes,omitempty"`
+}
+
+// ProcessMemory is one process as the eBPF memory probe sees it.
+type ProcessMemory struct {
+	Pid            int     `json:"pid"`
+	Workload       string  `json:"workload,omitempty"`
+	Anon           uint64  `json:"anon"`
+	File           uint64  `json:"file"`
+	BytesPerSecond float64 `json:"bytes_per_second"`
 }
 
 // StopRequest asks to stop a workload.

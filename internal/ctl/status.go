@@ -69,6 +69,18 @@ grows fastest; and whether the eBPF probes run.`,
 				}
 				_ = tw.Flush()
 			}
+			if len(st.Processes) > 0 {
+				fmt.Fprintln(a.stdout, "\nPROCESSES (eBPF memory probe)")
+				tw := a.table("PID", "WORKLOAD", "ANON", "FILE", "GROWTH")
+				for _, p := range st.Processes {
+					wl := p.Workload
+					if wl == "" {
+						wl = "-"
+					}
+					fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s/s\n", p.Pid, wl, units.BytesSize(float64(p.Anon)), units.BytesSize(float64(p.File)), units.BytesSize(p.BytesPerSecond))
+				}
+				_ = tw.Flush()
+			}
 			if len(st.Events) > 0 {
 				keys := make([]string, 0, len(st.Events))
 				for k := range st.Events {

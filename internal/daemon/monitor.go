@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"sort"
 	"sync"
 	"time"
 
@@ -32,8 +33,10 @@ type monitor struct {
 	probes   *ebpf.Probes
 	log      *logrus.Entry
 
-	mu     sync.Mutex
-	status api.Status
+	mu       sync.Mutex
+	status   api.Status
+	lastAnon map[int]uint64 // per-process anonymous memory at the previous sample
+	lastAt   time.Time
 
 	reg     *prometheus.Registry
 	gauges  map[string]prometheus.Gauge
@@ -168,8 +171,9 @@ func (m *monitor) sampleOnce(ctx context.Context, wasUnstable *bool) {
 		return
 	}
 	v := m.det.Observe(s)
+	procs := m.processes(s.Time)
 	m.mu.Lock()
-	m.status.Sample, m.status.Verdict = s, v
+	m.status.Sample, m.status.Verdict, m.status.Processes = s, v, procs
 	m.mu.Unlock()
 
 	g := m.gauges
@@ -221,6 +225,35 @@ func (m *monitor) publish(ctx context.Context, v detect.Verdict) {
 	if _, err := c.store.Client().Put(pctx, "/duplex/verdicts/"+m.d.cfg.Name, string(b), clientv3.WithLease(c.reg.Lease())); err != nil {
 		m.log.WithError(err).Debug("publishing the verdict")
 	}
+}
+
+// processes returns the ten largest processes by anonymous memory from the eBPF
+// memory probe, with their growth since the previous sample (nil without the probe).
+func (m *monitor) processes(now time.Time) []api.ProcessMemory {
+	if m.probes == nil || !m.d.cfg.EBPFMemory {
+		return nil
+	}
+	mem, err := m.probes.Memory()
+	if err != nil {
+		return nil
+	}
+	dt := now.Sub(m.lastAt).Seconds()
+	next := make(map[int]uint64, len(mem))
+	out := make([]api.ProcessMemory, 0, len(mem))
+	for _, p := range mem {
+		next[p.Pid] = p.Anon
+		pm := api.ProcessMemory{Pid: p.Pid, Anon: p.Anon, File: p.File, Workload: m.workloadOf(p.CgroupID)}
+		if prev, ok := m.lastAnon[p.Pid]; ok && dt > 0 {
+			pm.BytesPerSecond = (float64(p.Anon) - float64(prev)) / dt
+		}
+		out = append(out, pm)
+	}
+	m.lastAnon, m.lastAt = next, now
+	sort.Slice(out, func(i, j int) bool { return out[i].Anon > out[j].Anon })
+	if len(out) > 10 {
+		out = out[:10]
+	}
+	return out
 }
 
 // countEvents turns the probes' events into metrics and status counters, per workload.
