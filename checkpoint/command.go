@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -79,6 +80,10 @@ func (e *Engine) dumpCommand(ctx context.Context, o DumpOptions, op, logName str
 	}
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
+	dumpMu.Lock()
+	var once sync.Once
+	unlock := func() { once.Do(dumpMu.Unlock) }
+	defer unlock()
 	start := time.Now()
 	// Like every dump, it runs to its end whatever ctx says.
 	if err := cmd.Start(); err != nil {
@@ -88,8 +93,11 @@ func (e *Engine) dumpCommand(ctx context.Context, o DumpOptions, op, logName str
 		cmd.ExtraFiles[1].Close() // only CRIU writes the status
 		go func() {
 			b := make([]byte, 1)
-			if n, _ := statusR.Read(b); n == 1 && o.Ready != nil {
-				o.Ready()
+			if n, _ := statusR.Read(b); n == 1 {
+				unlock() // the tree is dumped; serving its pages can overlap other dumps
+				if o.Ready != nil {
+					o.Ready()
+				}
 			}
 		}()
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	criu "github.com/checkpoint-restore/go-criu/v7"
@@ -280,6 +281,13 @@ func (e *Engine) PreDump(ctx context.Context, o DumpOptions) (*DumpStats, error)
 	return e.dump(ctx, o, true)
 }
 
+// dumpMu serialises the freezing part of dumps in this process. CRIU's parasite
+// reaches /proc from inside the dumped task through a directory of a fixed name;
+// two trees that share a mount namespace and are dumped at once collide on it
+// ("pie: Can't create a directory (-17)"). A lazy dump releases it once it serves
+// pages.
+var dumpMu sync.Mutex
+
 func (e *Engine) dump(ctx context.Context, o DumpOptions, pre bool) (*DumpStats, error) {
 	op, logName := "dump", DumpLog
 	if pre {
@@ -294,6 +302,8 @@ func (e *Engine) dump(ctx context.Context, o DumpOptions, pre bool) (*DumpStats,
 	if o.PageServerConn != nil {
 		return e.dumpCommand(ctx, o, op, logName)
 	}
+	dumpMu.Lock()
+	defer dumpMu.Unlock()
 	opts, err := o.rpcOpts(logName)
 	if err != nil {
 		return nil, fmt.Errorf("%s %d: %w", op, o.Pid, err)

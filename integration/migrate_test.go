@@ -243,8 +243,9 @@ func TestMigrateAllWorkloads(t *testing.T) {
 		Results []migrate.Result  `json:"results"`
 		Errors  map[string]string `json:"errors"`
 	}
-	if err := json.Unmarshal([]byte(must(t, h0, "migrate", "--all", "--from", "h0", "--to", "h1", "--parallel", "2", "-o", "json")), &res); err != nil {
-		t.Fatal(err)
+	out, err := h0.Ctl(context.Background(), "migrate", "--all", "--from", "h0", "--to", "h1", "--parallel", "2", "-o", "json")
+	if jerr := json.Unmarshal([]byte(out), &res); jerr != nil || err != nil {
+		t.Fatalf("migrate --all: %v (%v)\n%s", err, jerr, out)
 	}
 	if len(res.Results) != 3 || len(res.Errors) != 0 {
 		t.Fatalf("migrate --all: %d moved, errors %v", len(res.Results), res.Errors)
