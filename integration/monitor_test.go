@@ -154,10 +154,15 @@ func TestNoisyWorkloadNeverUnstable(t *testing.T) {
 	if testing.Short() {
 		t.Skip("takes two minutes")
 	}
-	h := newHost(t, "--config", detectorConfig(t, "  metrics: [workload-memory, load]\n"))
+	// The default detector (1 s samples, 2 min trend window) with a 5 s hold.
+	cfg := filepath.Join(t.TempDir(), "duplexd.yaml")
+	if err := os.WriteFile(cfg, []byte("sample_interval: 1s\ndetect:\n  hold: 5s\n  metrics: [workload-memory, load]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	h := newHost(t, "--config", cfg)
 	load := filepath.Join(h.dir, "duplex-load")
 	copyFile(t, testutil.Build(t, "./cmd/duplex-load"), load)
-	h.must("run", "noisy", "--", load, "noisy", "--base", "200M", "--swing", "50M", "--period", "500ms", "--busy", "0.2")
+	h.must("run", "noisy", "--", load, "noisy", "--base", "200M", "--swing", "50M", "--period", "1s", "--busy", "0.2")
 	pid := h.record("noisy").Pid
 	cpu0, wall0 := daemonCPU(t, h), time.Now()
 	deadline := time.Now().Add(2 * time.Minute)
@@ -174,7 +179,7 @@ func TestNoisyWorkloadNeverUnstable(t *testing.T) {
 		t.Fatal("the noisy workload died")
 	}
 	used := daemonCPU(t, h) - cpu0
-	t.Logf("%d checks, never unstable; duplexd used %.2f%% of one core sampling every 250 ms", checks, 100*used.Seconds()/time.Since(wall0).Seconds())
+	t.Logf("%d checks, never unstable; duplexd used %.2f%% of one core sampling every second", checks, 100*used.Seconds()/time.Since(wall0).Seconds())
 }
 
 // daemonCPU returns the CPU time duplexd has used so far.
