@@ -145,6 +145,9 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 	if rec.State != workload.Running {
 		return nil, fmt.Errorf("migrate %s: %w (it is %s)", rec.Name, workload.ErrNotRunning, rec.State)
 	}
+	if rec.Pinned {
+		return nil, fmt.Errorf("migrate %s: %w: it is pinned to %s", rec.Name, ErrPreflight, s.Host)
+	}
 	srcCaps, err := s.Caps(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("migrate %s: capabilities of %s: %w", rec.Name, s.Host, err)

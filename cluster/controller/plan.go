@@ -106,6 +106,14 @@ func (p Policy) Validate() error {
 		return fmt.Errorf("max_failures %d: at least 1", p.MaxFailures)
 	case p.LeaseTTL.D() < 2*time.Second:
 		return fmt.Errorf("lease_ttl %s: at least 2s", p.LeaseTTL.D())
+	case p.Retry.D() < 10*time.Millisecond:
+		return fmt.Errorf("retry %s: at least 10ms", p.Retry.D())
+	case p.MaxWait < 0:
+		return fmt.Errorf("max_wait %s: must not be negative", p.MaxWait.D())
+	case p.MinRunning < 0:
+		return fmt.Errorf("min_running %s: must not be negative", p.MinRunning.D())
+	case p.RejoinTimeout < 0:
+		return fmt.Errorf("rejoin_timeout %s: must not be negative", p.RejoinTimeout.D())
 	}
 	if _, _, err := parseWindow(p.Window); err != nil {
 		return err
@@ -119,7 +127,7 @@ func parseWindow(w string) (from, to int, err error) {
 		return 0, 0, nil
 	}
 	var h1, m1, h2, m2 int
-	if n, _ := fmt.Sscanf(w, "%d:%d-%d:%d", &h1, &m1, &h2, &m2); n != 4 || h1 > 23 || h2 > 23 || m1 > 59 || m2 > 59 || h1 < 0 || h2 < 0 || m1 < 0 || m2 < 0 {
+	if n, _ := fmt.Sscanf(w, "%d:%d-%d:%d", &h1, &m1, &h2, &m2); n != 4 || fmt.Sprintf("%02d:%02d-%02d:%02d", h1, m1, h2, m2) != w || h1 > 23 || h2 > 23 || m1 > 59 || m2 > 59 || h1 < 0 || h2 < 0 || m1 < 0 || m2 < 0 {
 		return 0, 0, fmt.Errorf("window %q: write it as HH:MM-HH:MM, e.g. 02:00-05:00", w)
 	}
 	return h1*60 + m1, h2*60 + m2, nil
@@ -263,11 +271,13 @@ func Decide(s *Snapshot, p Policy, c cluster.Cycle) (Decision, string) {
 	if !ok {
 		return DecideWait, "no report from the host (is its duplexd running?)"
 	}
+	since := r.Booted
+	if m, ok := s.Members[c.Host]; ok && m.Rejuvenated.After(r.Booted) {
+		since = m.Rejuvenated
+	}
+	reason := fmt.Sprintf("load %.2f per CPU, running for %s", r.Load1/float64(max(r.CPUs, 1)), s.Now.Sub(since).Round(time.Second))
 	if c.Kind != cluster.KindRejuvenate {
-		running := s.Now.Sub(r.Booted)
-		if m, ok := s.Members[c.Host]; ok && m.Rejuvenated.After(r.Booted) {
-			running = s.Now.Sub(m.Rejuvenated)
-		}
+		running := s.Now.Sub(since)
 		if p.MinRunning > 0 && running < p.MinRunning.D() {
 			return DecideSkip, fmt.Sprintf("running for %s, below min_running %s", running.Round(time.Second), p.MinRunning.D())
 		}
@@ -278,7 +288,8 @@ func Decide(s *Snapshot, p Policy, c cluster.Cycle) (Decision, string) {
 				if p.MaxWait == 0 || waited < p.MaxWait.D() {
 					return DecideWait, fmt.Sprintf("load %.2f per CPU above max_load_per_cpu %.2f", load, p.MaxLoadPerCPU)
 				}
-				return DecideNow, fmt.Sprintf("load %.2f per CPU still above %.2f after max_wait %s", load, p.MaxLoadPerCPU, p.MaxWait.D())
+				// max_wait ends the wait for the load only: window and budget still hold.
+				reason = fmt.Sprintf("load %.2f per CPU still above %.2f after max_wait %s", load, p.MaxLoadPerCPU, p.MaxWait.D())
 			}
 		}
 		if !p.InWindow(s.Now) {
@@ -298,7 +309,7 @@ func Decide(s *Snapshot, p Policy, c cluster.Cycle) (Decision, string) {
 	if c.Kind == cluster.KindRejuvenate {
 		return DecideNow, "rejuvenation requested by hand"
 	}
-	return DecideNow, fmt.Sprintf("load %.2f, running since %s", r.Load1, r.Booted.Format(time.RFC3339))
+	return DecideNow, reason
 }
 
 // Step is one line of a plan: what the controller would do now for a host, and why.
@@ -331,10 +342,10 @@ func Plan(s *Snapshot, p Policy) []Step {
 		case inCycle:
 			st.Cycle, st.Phase, st.Target = c.ID, string(c.Phase), c.Target
 			st.Action, st.Why, st.Blocked = nextOfCycle(s, p, c)
-		case s.Requests[h].Kind != "":
-			st.Action, st.Why = "start "+s.Requests[h].Kind+" cycle", "requested by "+s.Requests[h].By
 		case !s.alive(h):
 			st.Action, st.Why = "none", "not registered (duplexd down or host rebooting)"
+		case s.Requests[h].Kind != "":
+			st.Action, st.Why = "start "+s.Requests[h].Kind+" cycle", "requested by "+s.Requests[h].By
 		default:
 			st.Action, st.Why = startOrNot(s, p, h)
 		}

@@ -144,3 +144,29 @@ func LoadSnapshot(ctx context.Context, s *cluster.Store) (Snapshot, error) {
 	}
 	return v.snap, nil
 }
+
+// Leader names the elected controller ("" if none).
+func Leader(ctx context.Context, s *cluster.Store) (string, error) {
+	resp, err := s.Client().Get(ctx, cluster.ElectionPrefix+"/", clientv3.WithPrefix(),
+		clientv3.WithSort(clientv3.SortByCreateRevision, clientv3.SortAscend), clientv3.WithLimit(1))
+	if err != nil {
+		return "", fmt.Errorf("read the controller's election: %w", err)
+	}
+	if len(resp.Kvs) == 0 {
+		return "", nil
+	}
+	return string(resp.Kvs[0].Value), nil
+}
+
+// PublishedPolicy reads the policy the leader published ("ok" false if none).
+func PublishedPolicy(ctx context.Context, s *cluster.Store) (Policy, bool, error) {
+	var p Policy
+	resp, err := s.Client().Get(ctx, cluster.PolicyKey)
+	if err != nil || len(resp.Kvs) == 0 {
+		return p, false, err
+	}
+	if err := json.Unmarshal(resp.Kvs[0].Value, &p); err != nil {
+		return p, false, fmt.Errorf("leader's policy: %w", err)
+	}
+	return p, true, nil
+}

@@ -8,7 +8,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -24,6 +26,11 @@ type DuplexOptions struct {
 	CgroupParent string
 	LogLevel     string // default "info"
 	Extra        []string
+	// Config, if set, returns the YAML config file of a host (by name); it is
+	// written to the host's directory and passed with --config.
+	Config func(host string) string
+	// Args, if set, returns extra flags for a host (by name).
+	Args func(host string) []string
 }
 
 // Duplex is duplexd running on every host of a Cluster: h0 runs the embedded etcd,
@@ -43,6 +50,11 @@ type Daemon struct {
 	Certs  string
 	Proc   *Proc
 	d      *Duplex
+
+	mu       sync.Mutex
+	stopping bool
+	restarts int
+	changed  chan struct{} // closed and replaced on every simulated restart
 }
 
 // AgentPort is the agents' port on every host.
@@ -74,8 +86,8 @@ func StartDuplex(ctx context.Context, c *Cluster, o DuplexOptions) (*Duplex, err
 	}
 	deadline := time.Now().Add(60 * time.Second)
 	for {
-		out, err := d.Hosts[0].Ctl(ctx, "hosts")
-		if err == nil && strings.Count(out, "\n") >= len(d.Hosts)+1 {
+		out, err := d.Hosts[0].Ctl(ctx, "hosts", "-o", "json")
+		if err == nil && strings.Count(out, `"alive": true`) >= len(d.Hosts) {
 			return d, nil
 		}
 		if time.Now().After(deadline) {
@@ -97,8 +109,15 @@ func (dd *Daemon) etcdURL() string {
 func (dd *Daemon) Start(ctx context.Context) error {
 	n := dd.Node
 	ip := n.Addr.Addr().String()
+	config := "/dev/null"
+	if dd.d.o.Config != nil {
+		config = filepath.Join(dd.Dir, "duplexd.yaml")
+		if err := os.WriteFile(config, []byte(dd.d.o.Config(n.Name)), 0o600); err != nil {
+			return err
+		}
+	}
 	args := []string{
-		"--config", "/dev/null",
+		"--config", config,
 		"--name", n.Name,
 		"--state-dir", filepath.Join(dd.Dir, "state"),
 		"--run-dir", filepath.Join(dd.Dir, "run"),
@@ -114,11 +133,20 @@ func (dd *Daemon) Start(ctx context.Context) error {
 		args = append(args, "--etcd-endpoints", dd.etcdURL())
 	}
 	args = append(args, dd.d.o.Extra...)
+	if dd.d.o.Args != nil {
+		args = append(args, dd.d.o.Args(n.Name)...)
+	}
 	p, err := dd.d.c.Start(n, dd.d.o.Duplexd, args...)
 	if err != nil {
 		return fmt.Errorf("start duplexd on %s: %w", n.Name, err)
 	}
+	dd.mu.Lock()
 	dd.Proc = p
+	if dd.changed == nil {
+		dd.changed = make(chan struct{})
+	}
+	dd.mu.Unlock()
+	go dd.supervise(p)
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		if _, err := dd.Ctl(ctx, "version"); err == nil {
@@ -167,8 +195,99 @@ func (d *Duplex) Host(name string) *Daemon {
 // the cluster's namespaces), h0 last: it serves the others' etcd.
 func (d *Duplex) Stop() {
 	for i := len(d.Hosts) - 1; i >= 0; i-- {
-		if p := d.Hosts[i].Proc; p != nil {
+		dd := d.Hosts[i]
+		dd.mu.Lock()
+		dd.stopping = true
+		p := dd.Proc
+		dd.mu.Unlock()
+		if p != nil {
 			_ = p.Stop(syscall.SIGTERM, 10*time.Second)
 		}
 	}
+}
+
+// RestartExitCode is duplexd's exit status when its rejuvenation ladder asks for a
+// host restart (rejuvenate.reboot: exit).
+const RestartExitCode = 75
+
+// supervise plays the host's hardware: when duplexd exits asking for a restart,
+// it simulates a reboot (SimulateRestart) and starts duplexd again.
+func (dd *Daemon) supervise(p *Proc) {
+	err := p.Wait()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != RestartExitCode {
+		return
+	}
+	dd.mu.Lock()
+	stopping := dd.stopping
+	dd.mu.Unlock()
+	if stopping {
+		return
+	}
+	if err := dd.SimulateRestart(); err != nil {
+		fmt.Fprintf(os.Stderr, "harness: simulated restart of %s: %v\n", dd.Node.Name, err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	if err := dd.Start(ctx); err != nil {
+		fmt.Fprintf(os.Stderr, "harness: start %s after its restart: %v\n", dd.Node.Name, err)
+	}
+	dd.mu.Lock()
+	dd.restarts++
+	close(dd.changed)
+	dd.changed = make(chan struct{})
+	dd.mu.Unlock()
+}
+
+// Restarts returns how many simulated restarts the host went through, and a
+// channel closed at the next one.
+func (dd *Daemon) Restarts() (int, <-chan struct{}) {
+	dd.mu.Lock()
+	defer dd.mu.Unlock()
+	if dd.changed == nil {
+		dd.changed = make(chan struct{})
+	}
+	return dd.restarts, dd.changed
+}
+
+// SimulateRestart does to the host what a reboot would: every process in its
+// network namespace is killed, its addresses other than its own are flushed, and
+// its state and run directories are wiped (h0 keeps the embedded etcd's data:
+// on a real cluster etcd runs elsewhere). duplexd must already have exited.
+func (dd *Daemon) SimulateRestart() error {
+	n := dd.Node
+	out, err := exec.Command("ip", "netns", "pids", n.NetNS).Output()
+	if err != nil {
+		return fmt.Errorf("list processes of %s: %w", n.NetNS, err)
+	}
+	for _, f := range strings.Fields(string(out)) {
+		if pid, err := strconv.Atoi(f); err == nil {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+	// Service addresses other than the host's own go, as with a reboot.
+	if out, err := n.Command(context.Background(), "ip", "-4", "-o", "addr", "show", "dev", n.Link).Output(); err == nil {
+		for _, line := range strings.Split(string(out), "\n") {
+			f := strings.Fields(line)
+			for i := 0; i+1 < len(f); i++ {
+				if f[i] == "inet" && f[i+1] != n.Addr.String() {
+					_ = n.Command(context.Background(), "ip", "addr", "del", f[i+1], "dev", n.Link).Run()
+				}
+			}
+		}
+	}
+	var errs []error
+	for _, dir := range []string{filepath.Join(dd.Dir, "state"), filepath.Join(dd.Dir, "run")} {
+		entries, err := os.ReadDir(dir)
+		if err != nil && !os.IsNotExist(err) {
+			errs = append(errs, err)
+		}
+		for _, e := range entries {
+			if e.Name() == "etcd" {
+				continue
+			}
+			errs = append(errs, os.RemoveAll(filepath.Join(dir, e.Name())))
+		}
+	}
+	return errors.Join(errs...)
 }

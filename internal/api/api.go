@@ -7,6 +7,8 @@ import (
 
 	"github.com/duplex-ha/duplex/cgroupmon"
 	"github.com/duplex-ha/duplex/checkpoint"
+	"github.com/duplex-ha/duplex/cluster"
+	"github.com/duplex-ha/duplex/cluster/controller"
 	"github.com/duplex-ha/duplex/internal/detect"
 	"github.com/duplex-ha/duplex/internal/workload"
 	"github.com/duplex-ha/duplex/migrate"
@@ -27,6 +29,7 @@ const (
 	CodeForbidden  = "forbidden"
 	CodeNoCluster  = "no_cluster"
 	CodeRefused    = "refused" // a migration's pre-flight or strategy check said no
+	CodeLocked     = "locked"  // the host is in a controller cycle
 	CodeInternal   = "internal"
 )
 
@@ -183,4 +186,37 @@ func (d *Duration) UnmarshalText(b []byte) error {
 	v, err := time.ParseDuration(string(b))
 	*d = Duration(v)
 	return err
+}
+
+// HostView is one host as `duplexctl hosts` shows it: registration, role, place on
+// the available list, verdict, workloads, capacity and any cycle it is in.
+type HostView struct {
+	Name      string          `json:"name"`
+	Alive     bool            `json:"alive"` // registered now (its duplexd runs)
+	Role      cluster.Role    `json:"role,omitempty"`
+	Available bool            `json:"available"`
+	Host      *cluster.Host   `json:"host,omitempty"`
+	Report    *cluster.Report `json:"report,omitempty"`
+	Cycle     *cluster.Cycle  `json:"cycle,omitempty"`
+	Leader    bool            `json:"leader,omitempty"` // runs the elected controller
+}
+
+// ClusterView is the whole cluster for `duplexctl hosts`.
+type ClusterView struct {
+	Mode   cluster.Mode `json:"mode"`
+	Leader string       `json:"leader,omitempty"`
+	Hosts  []HostView   `json:"hosts"`
+}
+
+// ModeRequest sets the operation mode.
+type ModeRequest struct {
+	Mode string `json:"mode"`
+}
+
+// PlanResponse is the controller's dry run.
+type PlanResponse struct {
+	Mode   cluster.Mode      `json:"mode"`
+	Leader string            `json:"leader,omitempty"`
+	Policy controller.Policy `json:"policy"`
+	Steps  []controller.Step `json:"steps"`
 }

@@ -262,3 +262,43 @@ func (c *Client) Logs(ctx context.Context, name, stream string, tail int, follow
 	}
 	return err
 }
+
+// Cluster returns every host with its role, verdict, capacity and cycle.
+func (c *Client) Cluster(ctx context.Context) (ClusterView, error) {
+	var v ClusterView
+	return v, c.do(ctx, http.MethodGet, "/v1/cluster", nil, &v)
+}
+
+// Mode returns the cluster's operation mode.
+func (c *Client) Mode(ctx context.Context) (cluster.Mode, error) {
+	var r ModeRequest
+	err := c.do(ctx, http.MethodGet, "/v1/mode", nil, &r)
+	return cluster.Mode(r.Mode), err
+}
+
+// SetMode sets the cluster's operation mode.
+func (c *Client) SetMode(ctx context.Context, m string) error {
+	return c.do(ctx, http.MethodPut, "/v1/mode", ModeRequest{Mode: m}, nil)
+}
+
+// Ask files a drain or rejuvenate request for host with the controller.
+func (c *Client) Ask(ctx context.Context, host, kind string) error {
+	return c.do(ctx, http.MethodPost, "/v1/hosts/"+url.PathEscape(host)+"/"+kind, nil, nil)
+}
+
+// Plan returns the controller's dry run.
+func (c *Client) Plan(ctx context.Context) (PlanResponse, error) {
+	var p PlanResponse
+	return p, c.do(ctx, http.MethodGet, "/v1/plan", nil, &p)
+}
+
+// History returns the last limit events of host ("" for all).
+func (c *Client) History(ctx context.Context, host string, limit int) ([]cluster.Event, error) {
+	var evs []cluster.Event
+	q := url.Values{}
+	if host != "" {
+		q.Set("host", host)
+	}
+	q.Set("limit", fmt.Sprint(limit))
+	return evs, c.do(ctx, http.MethodGet, "/v1/history?"+q.Encode(), nil, &evs)
+}

@@ -17,25 +17,82 @@ import (
 )
 
 func (a *app) hostsCmd() *cobra.Command {
-	return &cobra.Command{
+	var wide bool
+	cmd := &cobra.Command{
 		Use:   "hosts",
-		Short: "List the cluster's live hosts",
-		Args:  cobra.NoArgs,
+		Short: "List the cluster's hosts: role, verdict, workloads, capacity, cycle",
+		Long: `List every host the cluster knows: whether its duplexd is up, its role
+(primary, spare, duplexing, rejuvenating), whether it is on the available-server
+list, its monitor's verdict, its workloads and free capacity, and the step and
+any alert of the cycle it is in. The controller's host is marked with '*'.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			hosts, err := a.client().Hosts(ctxOf(cmd))
+			v, err := a.client().Cluster(ctxOf(cmd))
 			if err != nil {
 				return err
 			}
 			if a.json() {
-				return a.printJSON(hosts)
+				return a.printJSON(v)
 			}
-			tw := a.table("NAME", "AGENT", "VERSION", "CRIU", "FEATURES", "UP")
-			for _, h := range hosts {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", h.Name, h.Agent, h.Version, h.CRIU, strings.Join(h.Features, ","), age(h.Started))
+			fmt.Fprintf(a.stdout, "mode %s, controller %s\n\n", v.Mode, orDash(v.Leader))
+			header := []string{"NAME", "UP", "ROLE", "LIST", "VERDICT", "WORKLOADS", "USED", "FREE", "CYCLE"}
+			if wide {
+				header = append(header, "AGENT", "CRIU", "STARTED")
+			}
+			tw := a.table(header...)
+			for _, h := range v.Hosts {
+				name := h.Name
+				if h.Leader {
+					name += "*"
+				}
+				up, list := "no", "-"
+				if h.Alive {
+					up = "yes"
+				}
+				if h.Available {
+					list = "yes"
+				}
+				verdict, wls, used, free := "-", "-", "-", "-"
+				if r := h.Report; r != nil {
+					verdict = "stable"
+					if r.Unstable {
+						verdict = "UNSTABLE " + age(r.UnstableSince)
+					}
+					wls = fmt.Sprint(r.Workloads)
+					used, free = units.BytesSize(float64(r.Used)), units.BytesSize(float64(r.Free()))
+				}
+				cycle := "-"
+				if c := h.Cycle; c != nil {
+					cycle = string(c.Phase)
+					if c.Target != "" {
+						cycle += " -> " + c.Target
+					}
+					if c.Blocked != "" {
+						cycle += " [ALERT: " + c.Blocked + "]"
+					}
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s", name, up, orDash(string(h.Role)), list, verdict, wls, used, free, cycle)
+				if wide {
+					agent, criu, started := "-", "-", "-"
+					if h.Host != nil {
+						agent, criu, started = h.Host.Agent, h.Host.CRIU, age(h.Host.Started)
+					}
+					fmt.Fprintf(tw, "\t%s\t%s\t%s", agent, criu, started)
+				}
+				fmt.Fprintln(tw)
 			}
 			return tw.Flush()
 		},
 	}
+	cmd.Flags().BoolVar(&wide, "wide", false, "also show each host's agent address, CRIU version and start time")
+	return cmd
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }
 
 func (a *app) migrateCmd() *cobra.Command {

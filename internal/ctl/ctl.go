@@ -60,6 +60,7 @@ so that CRIU can checkpoint it and restore it here or on another host.`,
 		a.runCmd(), a.psCmd(), a.stopCmd(), a.rmCmd(), a.logsCmd(),
 		a.checkpointCmd(), a.restoreCmd(), a.resumeCmd(),
 		a.statusCmd(), a.hostsCmd(), a.migrateCmd(), a.certsCmd(),
+		a.modeCmd(), a.drainCmd(), a.rejuvenateCmd(), a.planCmd(), a.historyCmd(),
 		a.doctorCmd(), a.versionCmd(),
 	)
 	return root

@@ -24,7 +24,7 @@ func signalContext() (context.Context, context.CancelFunc) {
 func (a *app) runCmd() *cobra.Command {
 	var env, vips []string
 	var cwd, memory, sockMemory string
-	var inheritEnv bool
+	var inheritEnv, pinned bool
 	cmd := &cobra.Command{
 		Use:   "run NAME -- COMMAND [ARGS...]",
 		Short: "Start a managed workload",
@@ -36,7 +36,10 @@ With --vip, duplexd puts the service address on the interface before the
 workload starts, announces it, and moves it along when the workload migrates.
 
 Without --env or --inherit-env the workload gets a minimal environment
-(PATH, HOME=/, LANG=C.UTF-8).`,
+(PATH, HOME=/, LANG=C.UTF-8).
+
+With --pin the workload belongs to this host (a host agent, a local cache): it
+is never migrated, and a rejuvenation of the host stops it.`,
 		Example: `  duplexctl run web --vip 10.0.0.100/24@eth0 -- python3 -m http.server --bind 10.0.0.100 8080
   duplexctl run counter --memory 256M -- sh -c 'i=0; while :; do i=$((i+1)); echo $i; sleep 1; done'`,
 		Args: cobra.MinimumNArgs(2),
@@ -44,7 +47,7 @@ Without --env or --inherit-env the workload gets a minimal environment
 			if cmd.ArgsLenAtDash() != 1 {
 				return fmt.Errorf("usage: duplexctl run NAME -- COMMAND [ARGS...]")
 			}
-			spec := workload.Spec{Name: args[0], Args: args[1:], Cwd: cwd, VIPs: vips}
+			spec := workload.Spec{Name: args[0], Args: args[1:], Cwd: cwd, VIPs: vips, Pinned: pinned}
 			if inheritEnv {
 				spec.Env = os.Environ()
 			}
@@ -92,6 +95,7 @@ Without --env or --inherit-env the workload gets a minimal environment
 	cmd.Flags().StringVar(&cwd, "cwd", "", "working directory (default: duplexctl's current directory)")
 	cmd.Flags().StringVar(&memory, "memory", "", "memory limit, e.g. 512M or 2G")
 	cmd.Flags().StringVar(&sockMemory, "socket-memory", "", "limit of the workload's TCP socket buffers, e.g. 4M (cgroup v1)")
+	cmd.Flags().BoolVar(&pinned, "pin", false, "bind the workload to this host: never migrated, stopped by a rejuvenation")
 	cmd.Flags().StringArrayVar(&vips, "vip", nil, "service address ADDR/PREFIX@LINK that moves with the workload (repeatable)")
 	return cmd
 }

@@ -12,9 +12,11 @@ import (
 	"strings"
 	"time"
 
+	"github.com/docker/go-units"
 	"github.com/sirupsen/logrus"
 
 	"github.com/duplex-ha/duplex/cluster"
+	"github.com/duplex-ha/duplex/cluster/controller"
 	"github.com/duplex-ha/duplex/internal/pki"
 	"github.com/duplex-ha/duplex/migrate"
 	"github.com/duplex-ha/duplex/netfail"
@@ -75,9 +77,18 @@ type clusterNode struct {
 	tls    *tls.Config
 	files  pki.Files
 	source *migrate.Source
+	member cluster.Member // as the store held it when this host joined
+
+	ctrl     *controller.Controller
+	stopCtrl context.CancelFunc
+	ctrlDone chan struct{}
 }
 
 func (n *clusterNode) close() {
+	if n.stopCtrl != nil {
+		n.stopCtrl()
+		<-n.ctrlDone
+	}
 	if n.stop != nil {
 		n.stop()
 		<-n.swept
@@ -186,7 +197,7 @@ func (d *Daemon) joinCluster(ctx context.Context) (*clusterNode, error) {
 	if err != nil {
 		return nil, fmt.Errorf("agent listen on %s: %w", cfg.Listen, err)
 	}
-	n.agent = &http.Server{Handler: migrate.Handler(target), ReadHeaderTimeout: 10 * time.Second}
+	n.agent = &http.Server{Handler: d.agentRoutes(migrate.Handler(target)), ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		if err := n.agent.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			d.log.WithError(err).Error("agent server stopped")
@@ -207,7 +218,23 @@ func (d *Daemon) joinCluster(ctx context.Context) (*clusterNode, error) {
 	if err != nil {
 		return nil, err
 	}
-	d.log.WithFields(logrus.Fields{"host": cfg.Name, "agent": advertise, "etcd": strings.Join(endpoints, ",")}).Info("joined the cluster")
+	if n.member, err = n.store.JoinAs(ctx, cfg.Name, cluster.Role(cfg.Role)); err != nil {
+		return nil, err
+	}
+	d.log.WithFields(logrus.Fields{"host": cfg.Name, "agent": advertise, "etcd": strings.Join(endpoints, ","), "role": n.member.Role}).Info("joined the cluster")
+	if !cfg.NoController {
+		n.ctrl, err = controller.New(controller.Config{Name: cfg.Name, Store: n.store, Agents: newAgentClient(n.tls), Policy: cfg.Controller,
+			Log: d.log, Registry: d.mon.reg})
+		if err != nil {
+			return nil, err
+		}
+		cctx, stop := context.WithCancel(context.Background())
+		n.stopCtrl, n.ctrlDone = stop, make(chan struct{})
+		go func() {
+			defer close(n.ctrlDone)
+			_ = n.ctrl.Run(cctx)
+		}()
+	}
 	ok = true
 	return n, nil
 }
@@ -219,4 +246,25 @@ func (n *clusterNode) destination(ctx context.Context, name string) (*migrate.Cl
 		return nil, h, err
 	}
 	return migrate.NewClient(h.Agent, n.tls), h, nil
+}
+
+// validPolicy checks the controller section of the configuration.
+func validPolicy(p controller.Policy) error {
+	p.Defaults()
+	if err := p.Validate(); err != nil {
+		return fmt.Errorf("controller: %w", err)
+	}
+	return nil
+}
+
+// capacityBytes reads the capacity setting ("" is 0: all of the host's memory).
+func capacityBytes(s string) (uint64, error) {
+	if s == "" {
+		return 0, nil
+	}
+	n, err := units.RAMInBytes(s)
+	if err != nil || n <= 0 {
+		return 0, fmt.Errorf("capacity %q: give a memory size such as 24GiB", s)
+	}
+	return uint64(n), nil
 }

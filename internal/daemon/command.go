@@ -41,7 +41,13 @@ func NewCommand() *cobra.Command {
 		Long: `duplexd runs on every host of a duplex cluster, as root. It launches workloads in
 their own PID namespace and cgroup, adopts those still running when it restarts,
 and checkpoints and restores them with CRIU. duplexctl talks to it over a
-root-only unix socket.
+root-only unix socket. In a cluster (--listen, --certs) it registers in etcd,
+publishes its monitor's verdict and capacity, serves migrations to and from
+other hosts, runs its rejuvenation ladder when the controller asks, and takes
+part in the election of the cluster controller (unless --no-controller).
+
+Exit status 75 means the rejuvenation ladder asked for a simulated host restart
+(rejuvenate.reboot: exit): the supervisor clears the host and starts duplexd again.
 
 Settings come from flags, then the config file (YAML, keys as the flags with
 '_' for '-'), then defaults. The CRIU binary also honours $` + checkpoint.EnvCRIUPath + `.`,
@@ -90,6 +96,9 @@ Settings come from flags, then the config file (YAML, keys as the flags with
 	f.DurationVar(&fc.SampleInterval, "sample-interval", time.Second, "how often the monitor samples the host and its workloads")
 	f.BoolVar(&fc.NoEBPF, "no-ebpf", false, "do not load the eBPF probes (cgroup probes only)")
 	f.BoolVar(&fc.EBPFMemory, "ebpf-memory", false, "also run the per-process memory probe (kmem/rss_stat; costly under allocation storms)")
+	f.StringVar(&fc.Role, "role", "primary", "what this host joins the cluster as the first time: primary or spare")
+	f.BoolVar(&fc.NoController, "no-controller", false, "stay out of the cluster controller's election")
+	f.StringVar(&fc.Capacity, "capacity", "", "memory workloads may use on this host, e.g. 24GiB (default: all)")
 	f.StringVar(&fc.LogLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&fc.LogFormat, "log-format", "text", "text or json")
 	return cmd
@@ -116,6 +125,12 @@ func merge(cmd *cobra.Command, fc, file *fileConfig) {
 	set("etcd-listen", &fc.EtcdListen, file.EtcdListen)
 	set("etcd-peer", &fc.EtcdPeer, file.EtcdPeer)
 	set("metrics-listen", &fc.MetricsListen, file.MetricsListen)
+	set("role", &fc.Role, file.Role)
+	set("capacity", &fc.Capacity, file.Capacity)
+	if !cmd.Flags().Changed("no-controller") && file.NoController {
+		fc.NoController = true
+	}
+	fc.Controller, fc.Rejuvenate = file.Controller, file.Rejuvenate
 	if !cmd.Flags().Changed("sample-interval") && file.SampleEvery != nil {
 		fc.SampleInterval = time.Duration(*file.SampleEvery)
 	}
@@ -156,6 +171,9 @@ func Main(args []string) int {
 	cmd.SetArgs(args)
 	if err := cmd.ExecuteContext(context.Background()); err != nil {
 		fmt.Fprintf(os.Stderr, "duplexd: %s\n", err)
+		if errors.Is(err, ErrHostRestart) {
+			return RestartExitCode
+		}
 		return 1
 	}
 	return 0

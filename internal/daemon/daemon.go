@@ -16,11 +16,14 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/duplex-ha/duplex/checkpoint"
+	"github.com/duplex-ha/duplex/cluster"
+	"github.com/duplex-ha/duplex/cluster/controller"
 	"github.com/duplex-ha/duplex/internal/api"
 	"github.com/duplex-ha/duplex/internal/detect"
 	"github.com/duplex-ha/duplex/internal/reaper"
 	"github.com/duplex-ha/duplex/internal/workload"
 	"github.com/duplex-ha/duplex/netfail"
+	"github.com/duplex-ha/duplex/rejuv"
 )
 
 // Version is duplex's release, set at build time with -ldflags.
@@ -56,6 +59,19 @@ type Config struct {
 	// Detect configures the aging detector (thresholds, hold period, trend window).
 	Detect detect.Config `json:"-"`
 
+	// Role is what this host joins the cluster as the first time: primary or spare.
+	// A host keeps the role the controller gave it when it restarts.
+	Role string `json:"role"`
+	// NoController keeps this duplexd out of the controller election.
+	NoController bool `json:"no_controller"`
+	// Controller is the cluster controller's policy (used while this host leads).
+	Controller controller.Policy `json:"controller"`
+	// Rejuvenate is this host's rejuvenation ladder.
+	Rejuvenate rejuv.Config `json:"rejuvenate"`
+	// Capacity is the memory workloads may use on this host, e.g. "24GiB"
+	// (default: all of it); active/active placement uses it.
+	Capacity string `json:"capacity"`
+
 	// SocketMode is the permission of the socket file; only root may connect
 	// whatever it is, because the daemon checks each peer's credentials.
 	SocketMode os.FileMode `json:"-"`
@@ -81,6 +97,9 @@ func (c *Config) Defaults() {
 	if c.Name == "" {
 		c.Name, _ = os.Hostname()
 	}
+	if c.Role == "" {
+		c.Role = string(cluster.RolePrimary)
+	}
 	if c.SocketMode == 0 {
 		c.SocketMode = 0o600
 	}
@@ -95,6 +114,8 @@ type Daemon struct {
 	vips    *vipController
 	cluster *clusterNode // nil on a single host
 	mon     *monitor
+	rj      rejuvenation
+	done    chan struct{} // closed when Run returns
 }
 
 // Run serves until ctx ends, then stops serving and leaves the workloads running
@@ -137,7 +158,22 @@ func Run(ctx context.Context, cfg Config, log *logrus.Entry) error {
 	}
 	defer wl.Cleanup() // the shared cgroup parent, once empty
 	defer wl.Close()
-	d := &Daemon{cfg: cfg, log: log, eng: eng, wl: wl, vips: vips}
+	d := &Daemon{cfg: cfg, log: log, eng: eng, wl: wl, vips: vips, done: make(chan struct{})}
+	d.rj.restart = make(chan struct{})
+	defer close(d.done)
+	// A bad cluster configuration is refused before anything starts.
+	if _, err := cluster.ParseRole(cfg.Role); err != nil {
+		return err
+	}
+	if _, err := d.cfg.Rejuvenate.Ladder(d.rejuvOptions()); err != nil {
+		return fmt.Errorf("rejuvenate: %w", err)
+	}
+	if err := validPolicy(cfg.Controller); err != nil {
+		return err
+	}
+	if _, err := capacityBytes(cfg.Capacity); err != nil {
+		return err
+	}
 	interval := cfg.SampleInterval
 	if interval <= 0 {
 		interval = time.Second
@@ -151,6 +187,12 @@ func Run(ctx context.Context, cfg Config, log *logrus.Entry) error {
 			return err
 		}
 		defer d.cluster.close()
+		if m := d.cluster.member; m.Role == cluster.RoleRejuvenating {
+			// Back from a rejuvenation: rejoin once the figures are normal. A repeated
+			// signal for the same cycle is acknowledged without a second ladder.
+			d.rj.cycle = m.Cycle
+			go d.awaitRejoin(m.Cycle)
+		}
 	}
 	stopMonitor, err := d.mon.start(ctx, cfg.MetricsListen)
 	if err != nil {
@@ -182,8 +224,12 @@ func Run(ctx context.Context, cfg Config, log *logrus.Entry) error {
 	go func() { errc <- srv.Serve(ln) }()
 	log.WithFields(logrus.Fields{"socket": cfg.Socket, "state_dir": cfg.StateDir, "criu": cfg.CRIU, "version": Version}).Info("duplexd serving")
 
+	restart := false
 	select {
 	case <-ctx.Done():
+	case <-d.rj.restart:
+		restart = true
+		log.Warn("host restart requested by the rejuvenation ladder; exiting")
 	case err := <-errc:
 		return fmt.Errorf("serve %s: %w", cfg.Socket, err)
 	}
@@ -195,6 +241,9 @@ func Run(ctx context.Context, cfg Config, log *logrus.Entry) error {
 	if errors.Is(err, context.DeadlineExceeded) {
 		_ = srv.Close()
 		err = nil
+	}
+	if restart {
+		return ErrHostRestart
 	}
 	return err
 }

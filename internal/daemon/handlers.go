@@ -42,6 +42,13 @@ func (d *Daemon) routes() http.Handler {
 	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) { writeJSON(w, http.StatusOK, d.mon.snapshot()) })
 	mux.HandleFunc("POST /v1/workloads/{name}/migrate", d.migrate)
 	mux.HandleFunc("POST /v1/migrate-all", d.migrateAll)
+	mux.HandleFunc("GET /v1/cluster", d.clusterView)
+	mux.HandleFunc("GET /v1/mode", d.getMode)
+	mux.HandleFunc("PUT /v1/mode", d.setMode)
+	mux.HandleFunc("POST /v1/hosts/{name}/drain", d.ask(cluster.KindDrain))
+	mux.HandleFunc("POST /v1/hosts/{name}/rejuvenate", d.ask(cluster.KindRejuvenate))
+	mux.HandleFunc("GET /v1/plan", d.plan)
+	mux.HandleFunc("GET /v1/history", d.history)
 	return d.rootOnly(mux)
 }
 
@@ -87,6 +94,8 @@ func (d *Daemon) fail(w http.ResponseWriter, r *http.Request, err error) {
 		code, status = api.CodeNoCluster, http.StatusConflict
 	case errors.Is(err, cluster.ErrNoHost):
 		code, status = api.CodeNotFound, http.StatusNotFound
+	case isLocked(err):
+		code, status = api.CodeLocked, http.StatusConflict
 	case errors.Is(err, migrate.ErrStrategyUnavailable), errors.Is(err, migrate.ErrPreflight):
 		code, status = api.CodeRefused, http.StatusConflict
 	}
@@ -382,6 +391,10 @@ func (d *Daemon) migrate(w http.ResponseWriter, r *http.Request) {
 		d.fail(w, r, err)
 		return
 	}
+	if err := d.checkLocks(r, d.cfg.Name, req.To); err != nil {
+		d.fail(w, r, err)
+		return
+	}
 	dst, _, err := d.cluster.destination(r.Context(), req.To)
 	if err != nil {
 		d.fail(w, r, err)
@@ -428,6 +441,10 @@ func (d *Daemon) migrateAll(w http.ResponseWriter, r *http.Request) {
 		d.fail(w, r, fmt.Errorf("%w: the workloads already run on %s", workload.ErrInvalid, req.To))
 		return
 	}
+	if err := d.checkLocks(r, d.cfg.Name, req.To); err != nil {
+		d.fail(w, r, err)
+		return
+	}
 	dst, _, err := d.cluster.destination(r.Context(), req.To)
 	if err != nil {
 		d.fail(w, r, err)
@@ -440,7 +457,7 @@ func (d *Daemon) migrateAll(w http.ResponseWriter, r *http.Request) {
 	sem := make(chan struct{}, req.Parallel)
 	var wg sync.WaitGroup
 	for _, rec := range d.wl.List() {
-		if rec.State != workload.Running {
+		if rec.State != workload.Running || rec.Pinned {
 			continue
 		}
 		wg.Add(1)

@@ -2,8 +2,8 @@ package daemon
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"sort"
@@ -13,9 +13,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/sirupsen/logrus"
-	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/duplex-ha/duplex/cgroupmon"
+	"github.com/duplex-ha/duplex/cluster"
 	"github.com/duplex-ha/duplex/ebpf"
 	"github.com/duplex-ha/duplex/internal/api"
 	"github.com/duplex-ha/duplex/internal/detect"
@@ -30,7 +30,11 @@ type monitor struct {
 	interval time.Duration
 	col      *cgroupmon.Collector
 	det      *detect.Detector
+	cfg      detect.Config
 	probes   *ebpf.Probes
+	capacity uint64         // configured workload memory (0: all)
+	bootID   string         // of this boot
+	last     cluster.Report // last report published
 	log      *logrus.Entry
 
 	mu       sync.Mutex
@@ -51,7 +55,11 @@ func newMonitor(d *Daemon, interval time.Duration, cfg detect.Config) (*monitor,
 	if err != nil {
 		return nil, err
 	}
-	m := &monitor{d: d, interval: interval, col: cgroupmon.New(cgroupmon.Options{SockAccountParent: "/" + d.cfg.CgroupParent}), det: det, log: d.log.WithField("part", "monitor"),
+	capacity, err := capacityBytes(d.cfg.Capacity)
+	if err != nil {
+		return nil, err
+	}
+	m := &monitor{cfg: cfg, capacity: capacity, bootID: bootID(), d: d, interval: interval, col: cgroupmon.New(cgroupmon.Options{SockAccountParent: "/" + d.cfg.CgroupParent}), det: det, log: d.log.WithField("part", "monitor"),
 		reg: prometheus.NewRegistry(), gauges: map[string]prometheus.Gauge{}}
 	m.status.Host = d.cfg.Name
 	for name, help := range map[string]string{
@@ -170,7 +178,10 @@ func (m *monitor) sampleOnce(ctx context.Context, wasUnstable *bool) {
 		m.log.WithError(err).Warn("sampling the host")
 		return
 	}
-	v := m.det.Observe(s)
+	m.mu.Lock()
+	det := m.det
+	m.mu.Unlock()
+	v := det.Observe(s)
 	procs := m.processes(s.Time)
 	m.mu.Lock()
 	m.status.Sample, m.status.Verdict, m.status.Processes = s, v, procs
@@ -206,25 +217,74 @@ func (m *monitor) sampleOnce(ctx context.Context, wasUnstable *bool) {
 		*wasUnstable = v.Unstable
 		m.log.WithFields(logrus.Fields{"unstable": v.Unstable, "reasons": len(v.Reasons)}).Warn("host verdict changed")
 	}
-	m.publish(ctx, v)
+	m.publish(ctx, s, v)
 }
 
-// publish writes the verdict where the cluster controller reads it, under this
-// host's registration lease so that it goes with the host.
-func (m *monitor) publish(ctx context.Context, v detect.Verdict) {
+// reportEvery is how often the report is refreshed when nothing notable changed.
+const reportEvery = 3 * time.Second
+
+// publish writes the host's report (verdict and capacity) where the cluster
+// controller reads it, under this host's registration lease so that it goes with
+// the host: at once when the verdict or the workloads change, else every few
+// seconds, so that a large cluster does not write to etcd on every sample.
+func (m *monitor) publish(ctx context.Context, s cgroupmon.HostSample, v detect.Verdict) {
 	c := m.d.cluster
 	if c == nil || c.store == nil || c.reg == nil {
 		return
 	}
-	b, err := json.Marshal(v)
-	if err != nil {
+	r := cluster.Report{Host: m.d.cfg.Name, Time: s.Time, Unstable: v.Unstable, MemTotal: s.MemTotal, MemAvailable: s.MemAvailable,
+		Capacity: m.capacity, CPUs: s.CPUs, Load1: s.Load1, Workloads: len(s.Workloads), Booted: s.Time.Add(-s.Uptime).Round(time.Second), BootID: m.bootID}
+	if r.Capacity == 0 {
+		r.Capacity = s.MemTotal
+	}
+	if v.Unstable {
+		r.UnstableSince = v.Since
+	}
+	for _, w := range s.Workloads {
+		r.Used += w.Usage
+	}
+	for _, why := range v.Reasons {
+		r.Reasons = append(r.Reasons, reasonText(why))
+	}
+	notable := r.Unstable != m.last.Unstable || r.Workloads != m.last.Workloads || len(r.Reasons) != len(m.last.Reasons)
+	if !notable && s.Time.Sub(m.last.Time) < reportEvery {
 		return
 	}
 	pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	if _, err := c.store.Client().Put(pctx, "/duplex/verdicts/"+m.d.cfg.Name, string(b), clientv3.WithLease(c.reg.Lease())); err != nil {
-		m.log.WithError(err).Debug("publishing the verdict")
+	if err := c.store.PublishReport(pctx, r, c.reg.Lease()); err != nil {
+		m.log.WithError(err).Debug("publishing the report")
+		return
 	}
+	m.last = r
+}
+
+// reasonText is one reason of a verdict for people.
+func reasonText(r detect.Reason) string {
+	what := r.Metric
+	if r.Workload != "" {
+		what += " of " + r.Workload
+	}
+	switch {
+	case r.Kind == "trend" && r.TimeToExhaustion > 0:
+		return fmt.Sprintf("%s rising, exhausted in %s", what, r.TimeToExhaustion.Round(time.Second))
+	case r.Kind == "trend":
+		return what + " rising"
+	case r.HeldFor > 0:
+		return fmt.Sprintf("%s %.1f above %.1f for %s", what, r.Value, r.Limit, r.HeldFor.Round(time.Second))
+	}
+	return fmt.Sprintf("%s %.1f above %.1f", what, r.Value, r.Limit)
+}
+
+// reset starts the detector afresh (after a rejuvenation without a restart).
+func (m *monitor) reset() {
+	det, err := detect.New(m.cfg)
+	if err != nil {
+		return
+	}
+	m.mu.Lock()
+	m.det = det
+	m.mu.Unlock()
 }
 
 // processes returns the ten largest processes by anonymous memory from the eBPF

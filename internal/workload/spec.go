@@ -33,6 +33,9 @@ type Spec struct {
 	// (e.g. 10.0.0.100/24@eth0). duplexd brings them up on this host before the
 	// workload starts and moves them with it.
 	VIPs []string `json:"vips,omitempty"`
+	// Pinned binds the workload to this host: it is never migrated, and a
+	// rejuvenation of the host stops it (host-local services, agents).
+	Pinned bool `json:"pinned,omitempty"`
 }
 
 // State is where a workload is in its life.

@@ -1,0 +1,262 @@
+package integration
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/duplex-ha/duplex/cluster"
+	"github.com/duplex-ha/duplex/integration/harness"
+	"github.com/duplex-ha/duplex/internal/api"
+	"github.com/duplex-ha/duplex/internal/testutil"
+	"github.com/duplex-ha/duplex/internal/workload"
+)
+
+// cycleConfig is every host's config in the cycle tests: a fast detector judging
+// workload memory only (the namespace hosts share one kernel, so host-wide memory
+// would make them all unstable together), a fast controller, and a ladder that
+// ends in the harness's simulated restart.
+func cycleConfig(dir string) func(host string) string {
+	return func(host string) string {
+		scratch := filepath.Join(dir, host, "scratch")
+		_ = os.MkdirAll(scratch, 0o755)
+		return fmt.Sprintf(`sample_interval: 250ms
+detect:
+  hold: 5s
+  trend_window: 10s
+  min_samples: 12
+  metrics: [workload-memory]
+controller:
+  unstable_for: 2s
+  retry: 500ms
+  lease_ttl: 3s
+rejuvenate:
+  actions: [drop-caches, compact-memory, clear-state, reboot]
+  scratch: [%s]
+  reboot: exit
+`, scratch)
+	}
+}
+
+// cycleCluster is three hosts and a client. h0 serves the embedded etcd and is
+// never the unstable host.
+func cycleCluster(t *testing.T, args func(host string) []string) (*harness.Cluster, *harness.Duplex, string) {
+	t.Helper()
+	testutil.RequiresCRIU(t)
+	c := harness.NewT(t, harness.Options{Hosts: 3, Clients: 1})
+	dir, err := os.MkdirTemp("", "duplex-it-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(dir, 0o755)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	d, err := harness.StartDuplex(ctx, c, harness.DuplexOptions{
+		Duplexd: testutil.Build(t, "./cmd/duplexd"), Duplexctl: testutil.Build(t, "./cmd/duplexctl"),
+		Dir: dir, CgroupParent: testutil.CgroupParent(t), LogLevel: "info",
+		Config: cycleConfig(dir), Args: args,
+	})
+	t.Cleanup(func() {
+		if d != nil {
+			if t.Failed() {
+				for _, h := range d.Hosts {
+					t.Logf("duplexd on %s:\n%s", h.Node.Name, tailOf(h.Proc.Output(), 6000))
+				}
+			}
+			for _, h := range d.Hosts {
+				out, _ := h.Ctl(context.Background(), "ps", "-o", "json")
+				var recs []workload.Record
+				_ = json.Unmarshal([]byte(out), &recs)
+				for _, r := range recs {
+					_, _ = h.Ctl(context.Background(), "stop", "--timeout", "0s", r.Name)
+				}
+			}
+			d.Stop()
+		}
+		os.RemoveAll(dir)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c, d, dir
+}
+
+func tailOf(s string, n int) string {
+	if len(s) > n {
+		return "..." + s[len(s)-n:]
+	}
+	return s
+}
+
+func clusterView(t *testing.T, h *harness.Daemon) api.ClusterView {
+	t.Helper()
+	var v api.ClusterView
+	if err := json.Unmarshal([]byte(must(t, h, "hosts", "-o", "json")), &v); err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+func hostView(t *testing.T, h *harness.Daemon, name string) api.HostView {
+	for _, hv := range clusterView(t, h).Hosts {
+		if hv.Name == name {
+			return hv
+		}
+	}
+	t.Fatalf("hosts does not list %s", name)
+	return api.HostView{}
+}
+
+// The whole cycle: a leak on h1 → unstable → all of h1's workloads (three, one
+// with a client's TCP stream through its VIP) duplexed to the target the mode
+// picks → h1 off the available list → rejuvenated (simulated restart) → back as a
+// spare, every step in the store's history.
+func TestCycleActiveStandby(t *testing.T) {
+	wholeCycle(t, cluster.ActiveStandby)
+}
+
+func TestCycleActiveActive(t *testing.T) {
+	wholeCycle(t, cluster.ActiveActive)
+}
+
+func wholeCycle(t *testing.T, mode cluster.Mode) {
+	// active/standby: h0 and h1 primaries, h2 the spare.
+	// active/active: three primaries; h2 has the least free capacity that fits h1's
+	// workloads, so it is the best fit, and h0 has room to spare.
+	args := func(host string) []string {
+		switch {
+		case mode == cluster.ActiveStandby && host == "h2":
+			return []string{"--role", "spare"}
+		case mode == cluster.ActiveActive && host == "h0":
+			return []string{"--capacity", "16GiB"}
+		case mode == cluster.ActiveActive && host == "h2":
+			return []string{"--capacity", "2GiB"}
+		}
+		return nil
+	}
+	c, d, _ := cycleCluster(t, args)
+	h0, h1, h2, client := d.Hosts[0], d.Hosts[1], d.Hosts[2], c.Clients[0]
+	must(t, h0, "mode", string(mode))
+
+	// h1's workloads: an echo service on a VIP with a streaming client, a counter,
+	// a sleeper, and a pinned host agent that will leak.
+	vip := c.VIP(0)
+	echo := testutil.Build(t, "./integration/harness/echoserver")
+	copyFile(t, echo, filepath.Join(h1.Dir, "echoserver"))
+	must(t, h1, "run", "echo", "--vip", vip.String()+"@eth0", "--env", "GODEBUG=multipathtcp=0", "--",
+		filepath.Join(h1.Dir, "echoserver"), "-listen", netip.AddrPortFrom(vip.Addr(), 9000).String())
+	must(t, h1, "run", "counter", "--", "sh", "-c", "i=0; while :; do i=$((i+1)); echo $i; sleep 0.05; done")
+	must(t, h1, "run", "sleeper", "--", "sleep", "3600")
+	testutil.Eventually(t, 10*time.Second, "the echo server to listen", func() bool {
+		return strings.Contains(must(t, h1, "logs", "echo"), "LISTENING")
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	s, err := harness.StartStream(ctx, client, netip.AddrPortFrom(vip.Addr(), 9000), 256<<10, 4096)
+	if err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, 10*time.Second, "stream traffic", func() bool { return s.Stats().BytesVerified > 64<<10 })
+	// A target is expected to be stable before the leak starts.
+	testutil.Eventually(t, 20*time.Second, "every host reporting stable", func() bool {
+		for _, hv := range clusterView(t, h0).Hosts {
+			if hv.Report == nil || hv.Report.Unstable {
+				return false
+			}
+		}
+		return true
+	})
+	if p := must(t, h0, "plan"); !strings.Contains(p, "stable") {
+		t.Errorf("plan before the leak:\n%s", p)
+	}
+
+	if err := os.WriteFile(filepath.Join(h1.Dir, "scratch", "junk"), []byte("state that rejuvenation clears"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	load := testutil.Build(t, "./cmd/duplex-load")
+	copyFile(t, load, filepath.Join(h1.Dir, "duplex-load"))
+	must(t, h1, "run", "agent", "--pin", "--", filepath.Join(h1.Dir, "duplex-load"), "leak", "--rate", "20M", "--max", "1G")
+	restarts, restarted := h1.Restarts()
+
+	want := "h2"
+	testutil.Eventually(t, 90*time.Second, "h1 back as a spare after its rejuvenation", func() bool {
+		hv := hostView(t, h0, "h1")
+		return hv.Alive && hv.Role == cluster.RoleSpare && hv.Available && hv.Cycle == nil
+	})
+	select {
+	case <-restarted:
+	default:
+		t.Fatal("h1 was never restarted")
+	}
+	if n, _ := h1.Restarts(); n != restarts+1 {
+		t.Errorf("h1 restarted %d times, want 1", n-restarts)
+	}
+
+	// Every workload but the pinned agent runs on the target, and nothing on h1.
+	for _, name := range []string{"echo", "counter", "sleeper"} {
+		r, ok := recordOn(t, d.Host(want), name)
+		if !ok || r.State != workload.Running {
+			t.Errorf("%s on %s: %+v (listed %v)", name, want, r.State, ok)
+		}
+	}
+	if out := must(t, h1, "ps", "-a", "-o", "json"); strings.TrimSpace(out) != "[]" && strings.TrimSpace(out) != "null" {
+		t.Errorf("h1 still has workloads after its restart: %s", out)
+	}
+	if _, err := os.Stat(filepath.Join(h1.Dir, "scratch", "junk")); !os.IsNotExist(err) {
+		t.Errorf("h1's scratch state survived its rejuvenation: %v", err)
+	}
+	other := h0
+	if _, ok := recordOn(t, other, "echo"); ok {
+		t.Errorf("echo also listed on %s", other.Node.Name)
+	}
+
+	// The client kept its connection and every byte; the VIP answers from the target.
+	before := s.Stats().BytesVerified
+	testutil.Eventually(t, 10*time.Second, "stream traffic after the cycle", func() bool { return s.Stats().BytesVerified > before+128<<10 })
+	st := s.Stop()
+	t.Logf("stream: %+v", st)
+	if st.Err != nil {
+		t.Fatalf("client stream broke: %v", st.Err)
+	}
+	if mac := neighbourMAC(t, client, vip.Addr()); mac != d.Host(want).Node.MAC.String() {
+		t.Errorf("client resolves the VIP to %s, want %s's %s", mac, want, d.Host(want).Node.MAC)
+	}
+
+	// Roles and the history, step by step.
+	if hv := hostView(t, h0, want); hv.Role != cluster.RolePrimary {
+		t.Errorf("the target %s is %s, want primary", want, hv.Role)
+	}
+	var evs []cluster.Event
+	if err := json.Unmarshal([]byte(must(t, h2, "history", "--host", "h1", "--limit", "0", "-o", "json")), &evs); err != nil {
+		t.Fatal(err)
+	}
+	var stepsSeen []string
+	moved := map[string]bool{}
+	for _, e := range evs {
+		stepsSeen = append(stepsSeen, e.Step)
+		if e.Step == "target selected" && e.Target != want {
+			t.Errorf("target %s selected, want %s (%s)", e.Target, want, e.Detail)
+		}
+		if e.Step == "moved" {
+			moved[e.Workload] = true
+		}
+	}
+	wantSteps := []string{"cycle started", "target selected", "duplexed", "decided to rejuvenate", "removed from available list",
+		"rejuvenation signalled", "rejuvenated", "registered as spare"}
+	i := 0
+	for _, s := range stepsSeen {
+		if i < len(wantSteps) && s == wantSteps[i] {
+			i++
+		}
+	}
+	if i < len(wantSteps) || len(moved) != 3 || !moved["echo"] || !moved["counter"] || !moved["sleeper"] {
+		t.Errorf("history of h1: %q, moved %v; want %q in order and echo, counter, sleeper moved", stepsSeen, moved, wantSteps)
+	}
+	t.Logf("history:\n%s", must(t, h0, "history", "--host", "h1"))
+}
