@@ -171,7 +171,8 @@ type Event struct {
 	Target   string    `json:"target,omitempty"`
 	Workload string    `json:"workload,omitempty"`
 	Detail   string    `json:"detail,omitempty"`
-	By       string    `json:"by,omitempty"`
+	By       string    `json:"by,omitempty"`   // the controller's host
+	Term     string    `json:"term,omitempty"` // its term of leadership (session lease)
 }
 
 // Request is an operator's request for a cycle on a host.

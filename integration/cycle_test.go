@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -22,7 +23,7 @@ import (
 // workload memory only (the namespace hosts share one kernel, so host-wide memory
 // would make them all unstable together), a fast controller, and a ladder that
 // ends in the harness's simulated restart.
-func cycleConfig(dir string) func(host string) string {
+func cycleConfig(dir, controller string) func(host string) string {
 	return func(host string) string {
 		scratch := filepath.Join(dir, host, "scratch")
 		_ = os.MkdirAll(scratch, 0o755)
@@ -36,20 +37,21 @@ controller:
   unstable_for: 2s
   retry: 500ms
   lease_ttl: 3s
+%s
 rejuvenate:
   actions: [drop-caches, compact-memory, clear-state, reboot]
   scratch: [%s]
   reboot: exit
-`, scratch)
+`, controller, scratch)
 	}
 }
 
 // cycleCluster is three hosts and a client. h0 serves the embedded etcd and is
 // never the unstable host.
-func cycleCluster(t *testing.T, args func(host string) []string) (*harness.Cluster, *harness.Duplex, string) {
+func cycleCluster(t *testing.T, hosts int, controller string, args func(host string) []string) (*harness.Cluster, *harness.Duplex, string) {
 	t.Helper()
 	testutil.RequiresCRIU(t)
-	c := harness.NewT(t, harness.Options{Hosts: 3, Clients: 1})
+	c := harness.NewT(t, harness.Options{Hosts: hosts, Clients: 1})
 	dir, err := os.MkdirTemp("", "duplex-it-")
 	if err != nil {
 		t.Fatal(err)
@@ -60,7 +62,7 @@ func cycleCluster(t *testing.T, args func(host string) []string) (*harness.Clust
 	d, err := harness.StartDuplex(ctx, c, harness.DuplexOptions{
 		Duplexd: testutil.Build(t, "./cmd/duplexd"), Duplexctl: testutil.Build(t, "./cmd/duplexctl"),
 		Dir: dir, CgroupParent: testutil.CgroupParent(t), LogLevel: "info",
-		Config: cycleConfig(dir), Args: args,
+		Config: cycleConfig(dir, controller), Args: args,
 	})
 	t.Cleanup(func() {
 		if d != nil {
@@ -140,7 +142,7 @@ func wholeCycle(t *testing.T, mode cluster.Mode) {
 		}
 		return nil
 	}
-	c, d, _ := cycleCluster(t, args)
+	c, d, _ := cycleCluster(t, 3, "", args)
 	h0, h1, h2, client := d.Hosts[0], d.Hosts[1], d.Hosts[2], c.Clients[0]
 	must(t, h0, "mode", string(mode))
 
@@ -174,6 +176,9 @@ func wholeCycle(t *testing.T, mode cluster.Mode) {
 	})
 	if p := must(t, h0, "plan"); !strings.Contains(p, "stable") {
 		t.Errorf("plan before the leak:\n%s", p)
+	}
+	if st := must(t, h1, "status"); !strings.Contains(st, "cluster   primary, on the available list; mode "+string(mode)) {
+		t.Errorf("status of h1 before the leak:\n%s", st)
 	}
 
 	if err := os.WriteFile(filepath.Join(h1.Dir, "scratch", "junk"), []byte("state that rejuvenation clears"), 0o644); err != nil {
@@ -257,6 +262,91 @@ func wholeCycle(t *testing.T, mode cluster.Mode) {
 	}
 	if i < len(wantSteps) || len(moved) != 3 || !moved["echo"] || !moved["counter"] || !moved["sleeper"] {
 		t.Errorf("history of h1: %q, moved %v; want %q in order and echo, counter, sleeper moved", stepsSeen, moved, wantSteps)
+	}
+	t.Logf("history:\n%s", must(t, h0, "history", "--host", "h1"))
+}
+
+// The controller's duplexd is killed (SIGKILL) between two workload migrations and
+// comes back (as systemd would restart it): the new leader finishes the cycle; no
+// workload is lost or runs twice. h3 is the only host running a controller, so the
+// leader is known; the others run with --no-controller.
+func TestCycleControllerKilledMidCycle(t *testing.T) {
+	args := func(host string) []string {
+		switch host {
+		case "h2":
+			return []string{"--role", "spare", "--no-controller"}
+		case "h3":
+			return nil
+		}
+		return []string{"--no-controller"}
+	}
+	_, d, _ := cycleCluster(t, 4, "  parallel: 1", args)
+	h0, h1, h2, h3 := d.Hosts[0], d.Hosts[1], d.Hosts[2], d.Hosts[3]
+	testutil.Eventually(t, 20*time.Second, "h3 to lead", func() bool { return clusterView(t, h0).Leader == "h3" })
+
+	names := []string{"c1", "c2", "c3", "c4"}
+	for _, n := range names {
+		must(t, h1, "run", n, "--", "sh", "-c", "i=0; while :; do i=$((i+1)); echo $i; sleep 0.05; done")
+	}
+	load := testutil.Build(t, "./cmd/duplex-load")
+	copyFile(t, load, filepath.Join(h1.Dir, "duplex-load"))
+	must(t, h1, "run", "agent", "--pin", "--", filepath.Join(h1.Dir, "duplex-load"), "leak", "--rate", "20M", "--max", "1G")
+
+	moved := func() int {
+		var evs []cluster.Event
+		_ = json.Unmarshal([]byte(must(t, h0, "history", "--host", "h1", "--limit", "0", "-o", "json")), &evs)
+		n := 0
+		for _, e := range evs {
+			if e.Step == "moved" {
+				n++
+			}
+		}
+		return n
+	}
+	testutil.Eventually(t, 60*time.Second, "the first workload moved", func() bool { return moved() >= 1 })
+	if err := h3.Proc.Stop(syscall.SIGKILL, time.Second); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("killed the controller's duplexd on h3 after %d migration(s)", moved())
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := h3.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	testutil.Eventually(t, 90*time.Second, "h1 back as a spare", func() bool {
+		hv := hostView(t, h0, "h1")
+		return hv.Alive && hv.Role == cluster.RoleSpare && hv.Available && hv.Cycle == nil
+	})
+	// Every workload runs exactly once, on h2, and kept counting from where it was.
+	for _, n := range names {
+		var on []string
+		for _, h := range d.Hosts {
+			if r, ok := recordOn(t, h, n); ok && r.State == workload.Running {
+				on = append(on, h.Node.Name)
+			}
+		}
+		if len(on) != 1 || on[0] != "h2" {
+			t.Errorf("%s runs on %v, want only h2", n, on)
+			continue
+		}
+		for i, v := range numbers(must(t, h2, "logs", n)) {
+			if v != i+1 {
+				t.Errorf("%s: line %d is %d: it did not continue where it stopped", n, i+1, v)
+				break
+			}
+		}
+	}
+	var evs []cluster.Event
+	if err := json.Unmarshal([]byte(must(t, h0, "history", "--host", "h1", "--limit", "0", "-o", "json")), &evs); err != nil {
+		t.Fatal(err)
+	}
+	terms := map[string]bool{}
+	for _, e := range evs {
+		terms[e.Term] = true
+	}
+	if len(terms) < 2 {
+		t.Errorf("the history was written in %d term(s) of leadership, want 2 (before and after the kill)", len(terms))
 	}
 	t.Logf("history:\n%s", must(t, h0, "history", "--host", "h1"))
 }

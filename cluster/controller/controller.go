@@ -311,7 +311,7 @@ func (l *leader) commit(ctx context.Context, cmps []clientv3.Cmp, ops ...clientv
 func (l *leader) events(evs ...cluster.Event) []clientv3.Op {
 	ops := make([]clientv3.Op, 0, len(evs))
 	for i, e := range evs {
-		e.By = l.c.cfg.Name
+		e.By, e.Term = l.c.cfg.Name, fmt.Sprintf("%x", int64(l.sess.Lease()))
 		b, _ := json.Marshal(e)
 		ops = append(ops, clientv3.OpPut(cluster.HistoryKey(e.Time, e.Host, i), string(b)))
 	}

@@ -81,7 +81,7 @@ func TestControllerScaleSmall(t *testing.T) {
 }
 
 const (
-	scaleUnstable = 20          // verdicts per round of the benchmark
+	scaleUnstable = 40          // verdicts per round of the benchmark: enough CPU samples per cycle
 	scaleTarget   = time.Second // p99 from verdict to migration
 	scaleDownFor  = 100 * time.Millisecond
 	scaleLabel    = "part" // pprof label on the controller's goroutines

@@ -65,6 +65,19 @@ type Status struct {
 	// Processes are the largest processes by anonymous memory, from the eBPF
 	// memory probe (--ebpf-memory), with their growth since the previous sample.
 	Processes []ProcessMemory `json:"processes,omitempty"`
+	// Cluster is this host's place in the cluster (nil on a single host).
+	Cluster *StatusCluster `json:"cluster,omitempty"`
+}
+
+// StatusCluster is this host's role, its cycle, and the cluster's alerts.
+type StatusCluster struct {
+	Role      cluster.Role   `json:"role"`
+	Available bool           `json:"available"`
+	Mode      cluster.Mode   `json:"mode"`
+	Leader    string         `json:"leader,omitempty"`
+	Cycle     *cluster.Cycle `json:"cycle,omitempty"`
+	// Alerts are the blocked cycles of the whole cluster ("HOST: why").
+	Alerts []string `json:"alerts,omitempty"`
 }
 
 // ProcessMemory is one process as the eBPF memory probe sees it.

@@ -17,7 +17,9 @@ func (a *app) statusCmd() *cobra.Command {
 		Long: `Show whether this host counts as unstable: thresholds on memory, buffers, load
 and running time that held for the configured period, or an aging trend that
 predicts a resource running out within the horizon; the workloads whose memory
-grows fastest; and whether the eBPF probes run.`,
+grows fastest; whether the eBPF probes run; and, in a cluster, this host's role,
+the cycle it is in, and the cluster's alerts (cycles blocked on no target, the
+rejuvenation budget, min_spares, load, the maintenance window or failures).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			st, err := a.client().Status(ctxOf(cmd))
@@ -42,6 +44,23 @@ grows fastest; and whether the eBPF probes run.`,
 				units.BytesSize(float64(s.SockMem)), s.PressureSome10)
 			fmt.Fprintf(a.stdout, "load      %.2f %.2f %.2f on %d CPUs, up %s\n", s.Load1, s.Load5, s.Load15, s.CPUs, s.Uptime.Round(time.Second))
 			fmt.Fprintf(a.stdout, "ebpf      %s\n", st.EBPF)
+			if c := st.Cluster; c != nil {
+				list := "off the available list"
+				if c.Available {
+					list = "on the available list"
+				}
+				fmt.Fprintf(a.stdout, "cluster   %s, %s; mode %s, controller %s\n", orDash(string(c.Role)), list, c.Mode, orDash(c.Leader))
+				if cy := c.Cycle; cy != nil {
+					fmt.Fprintf(a.stdout, "cycle     %s: %s", cy.ID, cy.Phase)
+					if cy.Target != "" {
+						fmt.Fprintf(a.stdout, " -> %s", cy.Target)
+					}
+					fmt.Fprintln(a.stdout)
+				}
+				for _, al := range c.Alerts {
+					fmt.Fprintf(a.stdout, "ALERT     %s\n", al)
+				}
+			}
 			if len(v.Reasons) > 0 {
 				fmt.Fprintln(a.stdout, "\nREASONS")
 				tw := a.table("KIND", "METRIC", "WORKLOAD", "VALUE", "LIMIT", "HELD", "EXHAUSTED IN")

@@ -171,3 +171,33 @@ func sortedNames(m map[string]bool) []string {
 	sort.Strings(out)
 	return out
 }
+
+// status is the monitor's snapshot plus this host's place in the cluster.
+func (d *Daemon) status(w http.ResponseWriter, r *http.Request) {
+	st := d.mon.snapshot()
+	if d.cluster != nil {
+		if snap, err := controller.LoadSnapshot(r.Context(), d.cluster.store); err == nil {
+			sc := &api.StatusCluster{Role: snap.Members[d.cfg.Name].Role, Available: snap.Available[d.cfg.Name], Mode: snap.Mode}
+			sc.Leader, _ = controller.Leader(r.Context(), d.cluster.store)
+			if c, ok := snap.Cycles[d.cfg.Name]; ok {
+				sc.Cycle = &c
+			}
+			for _, h := range sortedKeysOf(snap.Cycles) {
+				if c := snap.Cycles[h]; c.Blocked != "" {
+					sc.Alerts = append(sc.Alerts, h+": "+c.Blocked)
+				}
+			}
+			st.Cluster = sc
+		}
+	}
+	writeJSON(w, http.StatusOK, st)
+}
+
+func sortedKeysOf[V any](m map[string]V) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}

@@ -39,7 +39,7 @@ func (d *Daemon) routes() http.Handler {
 	mux.HandleFunc("GET /v1/workloads/{name}/logs", d.logs)
 	mux.HandleFunc("POST /v1/restore", d.restore)
 	mux.HandleFunc("GET /v1/hosts", d.hosts)
-	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) { writeJSON(w, http.StatusOK, d.mon.snapshot()) })
+	mux.HandleFunc("GET /v1/status", d.status)
 	mux.HandleFunc("POST /v1/workloads/{name}/migrate", d.migrate)
 	mux.HandleFunc("POST /v1/migrate-all", d.migrateAll)
 	mux.HandleFunc("GET /v1/cluster", d.clusterView)
