@@ -73,7 +73,7 @@ func TestLeakIsDetectedAndAttributed(t *testing.T) {
 	}
 }
 
-func TestBadDetectorConfigRefused(t *testing.T) {
+func TestBadConfigRefused(t *testing.T) {
 	testutil.RequiresRoot(t)
 	bin := testutil.Build(t, "./cmd/duplexd")
 	for field, cfg := range map[string]string{
@@ -81,6 +81,12 @@ func TestBadDetectorConfigRefused(t *testing.T) {
 		"memory_percent": "detect:\n  memory_percent: 150\n",
 		"bogus":          "detect:\n  bogus: 1\n",
 		"metrics":        "detect:\n  metrics: [memory, temperature]\n",
+		"window":         "controller:\n  window: \"2-5\"\n",
+		"min_spares":     "controller:\n  min_spares: -1\n",
+		"scratch":        "rejuvenate:\n  scratch: [/etc]\n",
+		"reboot":         "rejuvenate:\n  reboot: halt\n",
+		"role":           "role: leader\n",
+		"capacity":       "capacity: lots\n",
 	} {
 		p := filepath.Join(t.TempDir(), "bad.yaml")
 		if err := os.WriteFile(p, []byte(cfg), 0o600); err != nil {
