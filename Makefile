@@ -28,10 +28,11 @@ $(GOTESTSUM):
 build: ## Build duplexd and duplexctl into bin/
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/duplexd ./cmd/duplexctl
 
-demo: deps build ## Show a live migration with a streaming client on this machine (root)
+demo: deps build ## Show the whole cycle (leak, detect, duplex live, rejuvenate, spare) with a streaming client (root)
 	$(GO) build -o $(BIN)/echoserver ./integration/harness/echoserver
+	$(GO) build -o $(BIN)/duplex-load ./cmd/duplex-load
 	$(GO) build -o $(BIN)/demo ./integration/demo
-	$(BIN)/demo --duplexd $(BIN)/duplexd --duplexctl $(BIN)/duplexctl --echoserver $(BIN)/echoserver
+	$(BIN)/demo --duplexd $(BIN)/duplexd --duplexctl $(BIN)/duplexctl --echoserver $(BIN)/echoserver --duplex-load $(BIN)/duplex-load
 
 test: deps ## Run every test (unit and root tests with real CRIU); needs root
 	$(GOTESTSUM) --format testname -- $(TEST_FLAGS) ./...
@@ -43,7 +44,7 @@ lint: ## gofmt and go vet
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 
-bench: deps build ## Migration vs the naive baseline (table + bench.json), then engine dump/restore figures
+bench: deps build ## Migration vs the naive baseline (table + bench.json), engine, probe and detector figures, controller at 1,000 hosts
 	$(GO) build -o $(BIN)/echoserver ./integration/harness/echoserver
 	$(GO) build -o $(BIN)/bench ./integration/bench
 	$(BIN)/bench --duplexd $(BIN)/duplexd --duplexctl $(BIN)/duplexctl --echoserver $(BIN)/echoserver --out bench.json
@@ -51,6 +52,7 @@ bench: deps build ## Migration vs the naive baseline (table + bench.json), then 
 	$(GO) test -run '^$$' -bench ProbeOverhead -benchtime 3s -count 1 ./ebpf/
 	$(GO) test -run '^$$' -bench DetectionLatency -benchtime 5x -count 1 ./internal/detect/
 	$(GO) test -run '^$$' -bench MonitorOverhead -benchtime 1x -count 1 ./integration/
+	$(GO) test -run '^$$' -bench ControllerScale -benchtime 1x -count 1 ./cluster/controller/
 
 clean: ## Remove build output and leftovers of crashed test runs
 	rm -rf $(BIN)

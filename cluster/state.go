@@ -16,20 +16,22 @@ import (
 // (they vanish with their writer); members, the available-server list, cycles,
 // requests, the mode and the history are durable.
 const (
-	Prefix           = "/duplex/"
-	MembersPrefix    = "/duplex/members/"   // role of every host that ever joined
-	AvailablePrefix  = "/duplex/available/" // the available-server list
-	ReportsPrefix    = "/duplex/reports/"   // monitor reports (verdict, capacity), leased
-	CyclesPrefix     = "/duplex/cycles/"    // one running cycle per host
-	HistoryPrefix    = "/duplex/history/"   // every step of every cycle
-	RequestsPrefix   = "/duplex/requests/"  // manual drain/rejuvenate requests
-	RejoinPrefix     = "/duplex/rejoin/"    // a rejuvenated host asking to rejoin, leased
-	LocksPrefix      = "/duplex/locks/"     // host locks held by the controller, leased
-	ElectionPrefix   = "/duplex/controller/election"
-	PolicyKey        = "/duplex/controller/policy" // the leader's policy, for plan
-	ModeKey          = "/duplex/config/mode"
-	HostsPrefix      = hostsPrefix
-	defaultHistoryMx = 10000
+	Prefix          = "/duplex/"
+	MembersPrefix   = "/duplex/members/"   // role of every host that ever joined
+	AvailablePrefix = "/duplex/available/" // the available-server list
+	ReportsPrefix   = "/duplex/reports/"   // monitor reports (verdict, capacity), leased
+	CyclesPrefix    = "/duplex/cycles/"    // one running cycle per host
+	HistoryPrefix   = "/duplex/history/"   // every step of every cycle
+	RequestsPrefix  = "/duplex/requests/"  // manual drain/rejuvenate requests
+	RejoinPrefix    = "/duplex/rejoin/"    // a rejuvenated host asking to rejoin, leased
+	LocksPrefix     = "/duplex/locks/"     // host locks held by the controller, leased
+	// RejuvenatingPrefix lists the hosts rejuvenating now: the budget reads only these.
+	RejuvenatingPrefix = "/duplex/rejuvenating/"
+	ElectionPrefix     = "/duplex/controller/election"
+	PolicyKey          = "/duplex/controller/policy" // the leader's policy, for plan
+	ModeKey            = "/duplex/config/mode"
+	HostsPrefix        = hostsPrefix
+	defaultHistoryMx   = 10000
 )
 
 // Role is a host's part in the cluster.

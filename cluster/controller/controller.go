@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"sort"
 	"strings"
 	"sync"
@@ -208,9 +209,10 @@ func (l *leader) lead(ctx context.Context) error {
 		case <-trim.C:
 			_ = l.c.cfg.Store.TrimHistory(ctx, 0)
 		case <-changed:
+			// Debounced: in a large cluster reports change all the time.
 			select {
 			case <-ctx.Done():
-			case <-time.After(5 * time.Millisecond):
+			case <-time.After(50 * time.Millisecond):
 			}
 		case <-time.After(time.Second):
 		}
@@ -426,7 +428,7 @@ func (l *leader) run(ctx context.Context, host string) {
 
 // waitChange waits up to d, or until the view changes (at least 200 ms).
 func (l *leader) waitChange(ctx context.Context, d time.Duration) {
-	_, changed := l.v.snapshot()
+	changed := l.v.next()
 	floor := time.NewTimer(min(d, 200*time.Millisecond))
 	defer floor.Stop()
 	select {
@@ -491,7 +493,21 @@ func (l *leader) selectTarget(ctx context.Context, cy cluster.Cycle) (time.Durat
 	}
 	t := sel.Target
 	tk := cluster.MembersPrefix + t
-	err := l.update(ctx, cy.Host, func(c *cluster.Cycle) ([]clientv3.Op, []clientv3.Cmp, bool, error) {
+	// The view may lag a selection made a moment ago: the target's record is read
+	// fresh, checked, and guarded at that revision, so two cycles never get one spare.
+	tresp, err := l.c.cfg.Store.Client().Get(ctx, tk)
+	if err != nil {
+		return 0, fmt.Errorf("read member %s: %w", t, err)
+	}
+	if len(tresp.Kvs) == 0 {
+		return l.c.cfg.Policy.Retry.D(), nil
+	}
+	var tm cluster.Member
+	if err := json.Unmarshal(tresp.Kvs[0].Value, &tm); err != nil || tm.Role != snap.Members[t].Role {
+		return 200 * time.Millisecond, nil // changed meanwhile: select again
+	}
+	trev := tresp.Kvs[0].ModRevision
+	err = l.update(ctx, cy.Host, func(c *cluster.Cycle) ([]clientv3.Op, []clientv3.Cmp, bool, error) {
 		if c.Phase != cluster.PhaseSelecting {
 			return nil, nil, false, errConflict
 		}
@@ -501,15 +517,17 @@ func (l *leader) selectTarget(ctx context.Context, cy cluster.Cycle) (time.Durat
 			memberOp(cluster.Member{Name: cy.Host, Role: cluster.RoleDuplexing, Since: now, Cycle: c.ID, Rejuvenated: snap.Members[cy.Host].Rejuvenated}),
 			l.lockOp(cy.Host, c, "source of the cycle"), l.lockOp(t, c, "target of "+c.ID),
 		}
-		tm := snap.Members[t]
 		if tm.Role == cluster.RoleSpare {
 			// Claim 6: the duplexed spare is switched to a primary.
 			tm.Role, tm.Since, tm.Cycle = cluster.RolePrimary, now, c.ID
 			ops = append(ops, memberOp(tm), clientv3.OpPut(cluster.AvailablePrefix+t, string(cluster.RolePrimary)))
 		}
 		ops = append(ops, l.events(cluster.Event{Time: now, Cycle: c.ID, Host: cy.Host, Step: "target selected", Target: t, Detail: sel.Why})...)
-		return ops, []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(tk), "=", l.v.rev(tk))}, false, nil
+		return ops, []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(tk), "=", trev)}, false, nil
 	})
+	if errors.Is(err, errConflict) {
+		return 200 * time.Millisecond, nil // the target changed meanwhile: select again
+	}
 	if err == nil {
 		l.c.log.WithFields(logrus.Fields{"host": cy.Host, "target": t}).Warn("target selected: " + sel.Why)
 	}
@@ -656,10 +674,17 @@ func (l *leader) decide(ctx context.Context, cy cluster.Cycle) (time.Duration, e
 	snap, _ := l.v.snapshot()
 	snap.Now = time.Now()
 	// The budget counts from the store itself, not the view, which may lag a
-	// decision taken a moment ago.
-	members, err := l.c.cfg.Store.Members(ctx)
+	// decision taken a moment ago; only the hosts rejuvenating now are read.
+	busy, err := l.c.cfg.Store.Client().Get(ctx, cluster.RejuvenatingPrefix, clientv3.WithPrefix(), clientv3.WithKeysOnly())
 	if err != nil {
-		return 0, err
+		return 0, fmt.Errorf("read the hosts rejuvenating: %w", err)
+	}
+	members := maps.Clone(snap.Members)
+	for _, kv := range busy.Kvs {
+		name := strings.TrimPrefix(string(kv.Key), cluster.RejuvenatingPrefix)
+		m := members[name]
+		m.Name, m.Role = name, cluster.RoleRejuvenating
+		members[name] = m
 	}
 	snap.Members = members
 	d, why := Decide(&snap, l.c.cfg.Policy, cy)
@@ -693,7 +718,8 @@ func (l *leader) decide(ctx context.Context, cy cluster.Cycle) (time.Duration, e
 		now := time.Now()
 		c.Phase, c.PhaseSince, c.Blocked, c.Signalled = cluster.PhaseRejuvenating, now, "", false
 		m.Role, m.Since, m.Cycle = cluster.RoleRejuvenating, now, c.ID
-		ops := []clientv3.Op{memberOp(m), clientv3.OpDelete(cluster.AvailablePrefix + c.Host), clientv3.OpDelete(cluster.LocksPrefix + c.Target)}
+		ops := []clientv3.Op{memberOp(m), clientv3.OpDelete(cluster.AvailablePrefix + c.Host), clientv3.OpDelete(cluster.LocksPrefix + c.Target),
+			clientv3.OpPut(cluster.RejuvenatingPrefix+c.Host, c.ID)}
 		ops = append(ops, l.events(
 			cluster.Event{Time: now, Cycle: c.ID, Host: c.Host, Step: "decided to rejuvenate", Detail: why},
 			cluster.Event{Time: now, Cycle: c.ID, Host: c.Host, Step: "removed from available list"},
@@ -711,7 +737,8 @@ func (l *leader) rejuvenate(ctx context.Context, cy cluster.Cycle) (time.Duratio
 			now := time.Now()
 			m := cluster.Member{Name: c.Host, Role: cluster.RoleSpare, Since: now, Cycle: c.ID, Rejuvenated: now}
 			ops := []clientv3.Op{memberOp(m), clientv3.OpPut(cluster.AvailablePrefix+c.Host, string(cluster.RoleSpare)),
-				clientv3.OpDelete(cluster.RejoinPrefix + c.Host), clientv3.OpDelete(cluster.LocksPrefix + c.Host)}
+				clientv3.OpDelete(cluster.RejoinPrefix + c.Host), clientv3.OpDelete(cluster.LocksPrefix + c.Host),
+				clientv3.OpDelete(cluster.RejuvenatingPrefix + c.Host)}
 			ops = append(ops, l.events(
 				cluster.Event{Time: now, Cycle: c.ID, Host: c.Host, Step: "rejuvenated", Detail: rj.Detail},
 				cluster.Event{Time: now, Cycle: c.ID, Host: c.Host, Step: "registered as spare", Detail: "back on the available list after " + now.Sub(c.Started).Round(time.Second).String()},

@@ -129,6 +129,13 @@ func (v *view) snapshot() (Snapshot, <-chan struct{}) {
 	return s, v.changed
 }
 
+// next returns a channel closed at the next change.
+func (v *view) next() <-chan struct{} {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.changed
+}
+
 // rev is the mod revision of key as the view knows it (0: absent).
 func (v *view) rev(key string) int64 {
 	v.mu.Lock()
