@@ -470,8 +470,7 @@ func (l *leader) step(ctx context.Context, cy cluster.Cycle) (time.Duration, err
 
 // selectTarget picks where the host's workloads go (claims 4, 5).
 func (l *leader) selectTarget(ctx context.Context, cy cluster.Cycle) (time.Duration, error) {
-	snap, _ := l.v.snapshot()
-	if h, ok := snap.Hosts[cy.Host]; ok {
+	if h, ok := l.v.host(cy.Host); ok {
 		// A host with nothing to move needs no target.
 		wls, err := l.c.cfg.Agents.Workloads(ctx, h)
 		if err == nil && len(movable(wls)) == 0 {
@@ -484,7 +483,7 @@ func (l *leader) selectTarget(ctx context.Context, cy cluster.Cycle) (time.Durat
 	}
 	l.selectMu.Lock()
 	defer l.selectMu.Unlock()
-	snap, _ = l.v.snapshot()
+	snap, _ := l.v.snapshot()
 	snap.Now = time.Now()
 	sel := Select(&snap, l.c.cfg.Policy, cy.Host)
 	if sel.Target == "" {
@@ -549,13 +548,12 @@ func movable(wls []Workload) []string {
 // duplex moves every workload of the host to the target (claim 1's duplexing).
 func (l *leader) duplex(ctx context.Context, cy cluster.Cycle) (time.Duration, error) {
 	p := l.c.cfg.Policy
-	snap, _ := l.v.snapshot()
-	src, ok := snap.Hosts[cy.Host]
+	src, ok := l.v.host(cy.Host)
 	if !ok {
 		l.block(ctx, cy.Host, "the host's duplexd is not registered: waiting for it")
 		return p.Retry.D(), nil
 	}
-	if _, ok := snap.Hosts[cy.Target]; !ok {
+	if _, ok := l.v.host(cy.Target); !ok {
 		l.block(ctx, cy.Host, "target "+cy.Target+" is not registered: waiting for it")
 		return p.Retry.D(), nil
 	}
@@ -731,8 +729,7 @@ func (l *leader) decide(ctx context.Context, cy cluster.Cycle) (time.Duration, e
 // rejuvenate signals the host and, once it asks to rejoin, registers it as a spare.
 func (l *leader) rejuvenate(ctx context.Context, cy cluster.Cycle) (time.Duration, error) {
 	p := l.c.cfg.Policy
-	snap, _ := l.v.snapshot()
-	if rj, ok := snap.Rejoins[cy.Host]; ok && rj.Cycle == cy.ID {
+	if rj, ok := l.v.rejoin(cy.Host); ok && rj.Cycle == cy.ID {
 		err := l.update(ctx, cy.Host, func(c *cluster.Cycle) ([]clientv3.Op, []clientv3.Cmp, bool, error) {
 			now := time.Now()
 			m := cluster.Member{Name: c.Host, Role: cluster.RoleSpare, Since: now, Cycle: c.ID, Rejuvenated: now}
@@ -752,12 +749,12 @@ func (l *leader) rejuvenate(ctx context.Context, cy cluster.Cycle) (time.Duratio
 		return 0, err
 	}
 	if cy.Signalled {
-		if snap.Now = time.Now(); snap.Now.Sub(cy.PhaseSince) > p.RejoinTimeout.D() {
-			l.block(ctx, cy.Host, fmt.Sprintf("no rejoin request %s after the rejuvenation signal", snap.Now.Sub(cy.PhaseSince).Round(time.Second)))
+		if waited := time.Since(cy.PhaseSince); waited > p.RejoinTimeout.D() {
+			l.block(ctx, cy.Host, fmt.Sprintf("no rejoin request %s after the rejuvenation signal", waited.Round(time.Second)))
 		}
 		return p.Retry.D(), nil
 	}
-	h, ok := snap.Hosts[cy.Host]
+	h, ok := l.v.host(cy.Host)
 	if !ok {
 		// Signalled by a leader that died before recording it: the host is restarting.
 		return p.Retry.D(), nil

@@ -129,6 +129,22 @@ func (v *view) snapshot() (Snapshot, <-chan struct{}) {
 	return s, v.changed
 }
 
+// host returns one live host's registration without copying the view.
+func (v *view) host(name string) (cluster.Host, bool) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	h, ok := v.snap.Hosts[name]
+	return h, ok
+}
+
+// rejoin returns a host's pending rejoin request.
+func (v *view) rejoin(name string) (cluster.Rejoin, bool) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	r, ok := v.snap.Rejoins[name]
+	return r, ok
+}
+
 // next returns a channel closed at the next change.
 func (v *view) next() <-chan struct{} {
 	v.mu.Lock()
