@@ -3,8 +3,6 @@ package cluster_test
 import (
 	"context"
 	"errors"
-	"fmt"
-	"net"
 	"path/filepath"
 	"testing"
 	"time"
@@ -14,46 +12,11 @@ import (
 	"github.com/duplex-ha/duplex/internal/testutil"
 )
 
-func freePort(t *testing.T) int {
-	l, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 // startStore runs an embedded etcd with mutual TLS on loopback and connects to it.
 func startStore(t *testing.T) (*cluster.Store, []string, pki.Files) {
 	t.Helper()
-	dir := t.TempDir()
-	ca := filepath.Join(dir, "ca")
-	if err := pki.InitCA(ca, "test-cluster", time.Hour); err != nil {
-		t.Fatal(err)
-	}
-	if err := pki.Issue(ca, "h0", []string{"127.0.0.1"}, filepath.Join(dir, "h0"), time.Hour); err != nil {
-		t.Fatal(err)
-	}
-	files := pki.HostFiles(filepath.Join(dir, "h0"))
-	url := fmt.Sprintf("https://127.0.0.1:%d", freePort(t))
-	e, err := cluster.StartEmbedded(context.Background(), cluster.EmbeddedConfig{
-		Name: "h0", Dir: filepath.Join(dir, "etcd"), ClientURL: url,
-		PeerURL: fmt.Sprintf("http://127.0.0.1:%d", freePort(t)), TLS: &files,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(e.Close)
-	tlsConf, err := files.Config()
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := cluster.Connect(context.Background(), []string{url}, tlsConf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { s.Close() })
-	return s, []string{url}, files
+	e := testutil.StartEtcd(t)
+	return e.Connect(t), e.Endpoints, e.Files
 }
 
 func TestHostRegistryWithLeases(t *testing.T) {

@@ -46,54 +46,12 @@ rejuvenate:
 	}
 }
 
-// cycleCluster is three hosts and a client. h0 serves the embedded etcd and is
-// never the unstable host.
+// cycleCluster is hosts namespace hosts and a client with the cycle config. h0
+// serves the embedded etcd and is never the unstable host.
 func cycleCluster(t *testing.T, hosts int, controller string, args func(host string) []string) (*harness.Cluster, *harness.Duplex, string) {
 	t.Helper()
-	testutil.RequiresCRIU(t)
-	c := harness.NewT(t, harness.Options{Hosts: hosts, Clients: 1})
-	dir, err := os.MkdirTemp("", "duplex-it-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	os.Chmod(dir, 0o755)
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	d, err := harness.StartDuplex(ctx, c, harness.DuplexOptions{
-		Duplexd: testutil.Build(t, "./cmd/duplexd"), Duplexctl: testutil.Build(t, "./cmd/duplexctl"),
-		Dir: dir, CgroupParent: testutil.CgroupParent(t), LogLevel: "info",
-		Config: cycleConfig(dir, controller), Args: args,
-	})
-	t.Cleanup(func() {
-		if d != nil {
-			if t.Failed() {
-				for _, h := range d.Hosts {
-					t.Logf("duplexd on %s:\n%s", h.Node.Name, tailOf(h.Proc.Output(), 6000))
-				}
-			}
-			for _, h := range d.Hosts {
-				out, _ := h.Ctl(context.Background(), "ps", "-o", "json")
-				var recs []workload.Record
-				_ = json.Unmarshal([]byte(out), &recs)
-				for _, r := range recs {
-					_, _ = h.Ctl(context.Background(), "stop", "--timeout", "0s", r.Name)
-				}
-			}
-			d.Stop()
-		}
-		os.RemoveAll(dir)
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c, d, dir
-}
-
-func tailOf(s string, n int) string {
-	if len(s) > n {
-		return "..." + s[len(s)-n:]
-	}
-	return s
+	return startCluster(t, hosts, harness.DuplexOptions{LogLevel: "info", Args: args},
+		func(dir, host string) string { return cycleConfig(dir, controller)(host) })
 }
 
 func clusterView(t *testing.T, h *harness.Daemon) api.ClusterView {

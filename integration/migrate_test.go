@@ -22,8 +22,18 @@ import (
 // twoHosts builds two namespace hosts and a client, with duplexd on each host.
 func twoHosts(t *testing.T) (*harness.Cluster, *harness.Duplex) {
 	t.Helper()
+	c, d, _ := startCluster(t, 2, harness.DuplexOptions{LogLevel: "debug"}, nil)
+	return c, d
+}
+
+// startCluster builds hosts namespace hosts and a client with duplexd on each
+// host (o's binaries, directory and cgroup parent are filled in; config, if set,
+// gives each host's config file from the cluster's directory). At the end of the
+// test it stops every workload and duplexd, printing their output if it failed.
+func startCluster(t *testing.T, hosts int, o harness.DuplexOptions, config func(dir, host string) string) (*harness.Cluster, *harness.Duplex, string) {
+	t.Helper()
 	testutil.RequiresCRIU(t)
-	c := harness.NewT(t, harness.Options{Hosts: 2, Clients: 1})
+	c := harness.NewT(t, harness.Options{Hosts: hosts, Clients: 1})
 	dir, err := os.MkdirTemp("", "duplex-it-")
 	if err != nil {
 		t.Fatal(err)
@@ -31,12 +41,19 @@ func twoHosts(t *testing.T) (*harness.Cluster, *harness.Duplex) {
 	os.Chmod(dir, 0o755)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	d, err := harness.StartDuplex(ctx, c, harness.DuplexOptions{
-		Duplexd: testutil.Build(t, "./cmd/duplexd"), Duplexctl: testutil.Build(t, "./cmd/duplexctl"),
-		Dir: dir, CgroupParent: testutil.CgroupParent(t), LogLevel: "debug",
-	})
+	o.Duplexd, o.Duplexctl = testutil.Build(t, "./cmd/duplexd"), testutil.Build(t, "./cmd/duplexctl")
+	o.Dir, o.CgroupParent = dir, testutil.CgroupParent(t)
+	if config != nil {
+		o.Config = func(host string) string { return config(dir, host) }
+	}
+	d, err := harness.StartDuplex(ctx, c, o)
 	t.Cleanup(func() {
 		if d != nil {
+			if t.Failed() {
+				for _, h := range d.Hosts {
+					t.Logf("duplexd on %s:\n%s", h.Node.Name, tailOf(h.Proc.Output(), 6000))
+				}
+			}
 			for _, h := range d.Hosts {
 				out, _ := h.Ctl(context.Background(), "ps", "-o", "json")
 				var recs []workload.Record
@@ -52,7 +69,14 @@ func twoHosts(t *testing.T) (*harness.Cluster, *harness.Duplex) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return c, d
+	return c, d, dir
+}
+
+func tailOf(s string, n int) string {
+	if len(s) > n {
+		return "..." + s[len(s)-n:]
+	}
+	return s
 }
 
 func must(t *testing.T, h *harness.Daemon, args ...string) string {
