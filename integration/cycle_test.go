@@ -3,7 +3,6 @@ package integration
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -19,39 +18,12 @@ import (
 	"github.com/duplex-ha/duplex/internal/workload"
 )
 
-// cycleConfig is every host's config in the cycle tests: a fast detector judging
-// workload memory only (the namespace hosts share one kernel, so host-wide memory
-// would make them all unstable together), a fast controller, and a ladder that
-// ends in the harness's simulated restart.
-func cycleConfig(dir, controller string) func(host string) string {
-	return func(host string) string {
-		scratch := filepath.Join(dir, host, "scratch")
-		_ = os.MkdirAll(scratch, 0o755)
-		return fmt.Sprintf(`sample_interval: 250ms
-detect:
-  hold: 5s
-  trend_window: 10s
-  min_samples: 12
-  metrics: [workload-memory]
-controller:
-  unstable_for: 2s
-  retry: 500ms
-  lease_ttl: 3s
-%s
-rejuvenate:
-  actions: [drop-caches, compact-memory, clear-state, reboot]
-  scratch: [%s]
-  reboot: exit
-`, controller, scratch)
-	}
-}
-
 // cycleCluster is hosts namespace hosts and a client with the cycle config. h0
 // serves the embedded etcd and is never the unstable host.
 func cycleCluster(t *testing.T, hosts int, controller string, args func(host string) []string) (*harness.Cluster, *harness.Duplex, string) {
 	t.Helper()
 	return startCluster(t, hosts, harness.DuplexOptions{LogLevel: "info", Args: args},
-		func(dir, host string) string { return cycleConfig(dir, controller)(host) })
+		func(dir, host string) string { return harness.CycleConfig(dir, controller)(host) })
 }
 
 func clusterView(t *testing.T, h *harness.Daemon) api.ClusterView {

@@ -84,30 +84,9 @@ func note(format string, a ...any) {
 	}
 }
 
-// hostConfig is every host's duplexd.yaml, as in the integration cycle tests: a
-// fast detector judging workload memory only, a fast controller, and a
-// rejuvenation ladder that ends in a restart (duplexd exits with status 75).
-func hostConfig(dir string) func(host string) string {
-	return func(host string) string {
-		scratch := filepath.Join(dir, host, "scratch")
-		_ = os.MkdirAll(scratch, 0o755)
-		return fmt.Sprintf(`sample_interval: 250ms
-detect:
-  hold: 5s
-  trend_window: 10s
-  min_samples: 12
-  metrics: [workload-memory]
-controller:
-  unstable_for: 2s
-  retry: 500ms
-  lease_ttl: 3s
-rejuvenate:
-  actions: [drop-caches, compact-memory, clear-state, reboot]
-  scratch: [%s]
-  reboot: exit
-`, scratch)
-	}
-}
+// hostConfig is every host's duplexd.yaml, as in the integration cycle tests
+// (harness.CycleConfig).
+func hostConfig(dir string) func(host string) string { return harness.CycleConfig(dir, "") }
 
 // hostArgs makes h2 the spare; h0 and h1 join as primaries.
 func hostArgs(host string) []string {
