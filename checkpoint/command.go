@@ -63,7 +63,11 @@ func (e *Engine) dumpCommand(ctx context.Context, o DumpOptions, op, logName str
 		args = append(args, "--ghost-limit", strconv.FormatUint(uint64(o.GhostLimit), 10))
 	}
 	if o.ParentDir != "" {
-		args = append(args, "--prev-images-dir", o.ParentDir)
+		parent, err := relParent(o.ImagesDir, o.ParentDir)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", op, err)
+		}
+		args = append(args, "--prev-images-dir", parent)
 	}
 	cmd := exec.Command(e.Path(), args...)
 	cmd.ExtraFiles = []*os.File{o.PageServerConn}

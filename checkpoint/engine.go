@@ -208,13 +208,9 @@ func (o *DumpOptions) rpcOpts(logFile string) (*rpc.CriuOpts, error) {
 		opts.GhostLimit = proto.Uint32(o.GhostLimit)
 	}
 	if o.ParentDir != "" {
-		parent := o.ParentDir
-		if filepath.IsAbs(parent) {
-			rel, err := filepath.Rel(o.ImagesDir, parent)
-			if err != nil {
-				return nil, fmt.Errorf("parent images %s: %w", parent, err)
-			}
-			parent = rel
+		parent, err := relParent(o.ImagesDir, o.ParentDir)
+		if err != nil {
+			return nil, err
 		}
 		opts.ParentImg = proto.String(parent)
 	}
@@ -230,6 +226,23 @@ func (o *DumpOptions) rpcOpts(logFile string) (*rpc.CriuOpts, error) {
 	}
 	o.TLS.apply(opts)
 	return opts, nil
+}
+
+// relParent returns a parent images directory relative to the images directory,
+// as CRIU wants it.
+func relParent(images, parent string) (string, error) {
+	if !filepath.IsAbs(parent) {
+		return parent, nil
+	}
+	abs, err := filepath.Abs(images)
+	if err != nil {
+		return "", fmt.Errorf("images %s: %w", images, err)
+	}
+	rel, err := filepath.Rel(abs, parent)
+	if err != nil {
+		return "", fmt.Errorf("parent images %s: %w", parent, err)
+	}
+	return rel, nil
 }
 
 func (t *TLS) apply(opts *rpc.CriuOpts) {

@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -35,7 +36,15 @@ type Source struct {
 	Workloads LocalWorkloads
 	VIPs      workload.VIPController
 	Caps      func(ctx context.Context) (Capabilities, error)
-	Log       *logrus.Entry
+	// Precopy is pre-copy's stop rule; the zero value means DefaultPrecopyRule.
+	Precopy PrecopyRule
+	Log     *logrus.Entry
+}
+
+// PreDumper is what pre-copy needs of the host's workload manager besides
+// LocalWorkloads.
+type PreDumper interface {
+	PreDump(ctx context.Context, name string, o workload.PreDumpOptions) (*checkpoint.DumpStats, error)
 }
 
 // Request asks to move one workload.
@@ -48,6 +57,7 @@ type Request struct {
 // Phases of a migration, in order, as Progress reports them.
 const (
 	PhasePreflight = "preflight"
+	PhasePrecopy   = "precopy" // pre-copy: memory moves in rounds while the workload runs
 	PhaseFreeze    = "freeze+dump" // frozen; memory streams to the destination's page server
 	PhaseImages    = "images"      // the rest of the images travel
 	PhaseRestore   = "restore"     // VIP ready, restore, VIP announced on the destination
@@ -88,9 +98,20 @@ type Result struct {
 	// AnnounceMS runs from the restore's end to the first announcement of the
 	// service addresses on the destination (they answer from then on).
 	AnnounceMS float64 `json:"announce_ms"`
+	// Rounds are pre-copy's pre-dump rounds, before the freeze.
+	Rounds []Round `json:"rounds,omitempty"`
 	// Phases holds each phase's duration in milliseconds.
 	Phases map[string]float64 `json:"phases"`
 	Pid    int                `json:"pid"` // the workload's root on the destination
+}
+
+// Round is one pre-dump round of a pre-copy migration.
+type Round struct {
+	Pages uint64  `json:"pages"` // pages the round sent (changed since the round before)
+	Bytes int64   `json:"bytes"` // bytes through the page channel
+	MS    float64 `json:"ms"`    // the round's wall time
+	// FrozenMS is how long the round stopped the workload to collect its pages.
+	FrozenMS float64 `json:"frozen_ms"`
 }
 
 func newID(name string) string {
@@ -168,6 +189,24 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 	dir := filepath.Join(s.WorkDir, res.ID)
 	defer os.RemoveAll(dir)
 
+	// Pre-copy: memory moves in rounds while the workload runs, each round only
+	// what changed since the one before, until the stop rule says the rest is small
+	// or no longer shrinks. The final dump below then sends only that rest.
+	var parent string
+	if strategy == PreCopy {
+		rounds := filepath.Join(s.WorkDir, res.ID+".pre")
+		defer os.RemoveAll(rounds)
+		report(PhasePrecopy, 0, fmt.Sprintf("%d MiB resident", mem>>20))
+		parent, err = s.precopy(ctx, dst, rec.Name, res, rounds, func(n int64, msg string) {
+			emit(Progress{Workload: req.Workload, Phase: PhasePrecopy, Elapsed: time.Since(start), Bytes: n, Message: msg})
+		})
+		if err != nil {
+			// A pre-dump leaves the workload running: nothing to roll back here.
+			_ = dst.Abort(context.WithoutCancel(ctx), res.ID)
+			return nil, fmt.Errorf("migrate %s (still running on %s): %w", rec.Name, s.Host, err)
+		}
+	}
+
 	// The page channel: CRIU speaks the page-server protocol on one end of a socket
 	// pair, we carry the other end's bytes to the destination's page server.
 	pages, err := dst.Pages(ctx, res.ID)
@@ -184,10 +223,11 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 	// Freeze and dump. Stop-and-copy streams the memory to the destination while
 	// CRIU dumps it; post-copy leaves it here, served to the destination on demand
 	// once the copy runs there.
-	report(PhaseFreeze, 0, fmt.Sprintf("strategy %s, %d MiB resident", strategy, mem>>20))
+	report(PhaseFreeze, res.PageBytes, fmt.Sprintf("strategy %s, %d MiB resident", strategy, mem>>20))
 	freeze := time.Now()
+	moved := res.PageBytes // by pre-copy's rounds
 	stopTicker := tunnel.tick(func(n int64) {
-		emit(Progress{Workload: req.Workload, Phase: current.Load().(string), Elapsed: time.Since(start), Bytes: n})
+		emit(Progress{Workload: req.Workload, Phase: current.Load().(string), Elapsed: time.Since(start), Bytes: moved + n})
 	})
 	defer stopTicker()
 	postCopy := strategy == PostCopy
@@ -218,7 +258,7 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 	} else {
 		st, err := s.Workloads.Checkpoint(ctx, rec.Name, workload.CheckpointOptions{
 			Dir: dir, LeaveStopped: true, TCPEstablished: true, NetworkLock: checkpoint.LockNFTables,
-			PageServerConn: criuEnd,
+			PageServerConn: criuEnd, ParentDir: parent,
 		})
 		criuEnd.Close()
 		if terr := tunnel.wait(10 * time.Second); err == nil && terr != nil {
@@ -233,7 +273,7 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 			return nil, fmt.Errorf("migrate %s: %w", rec.Name, err)
 		}
 		res.FrozenMS = ms(st.FrozenTime)
-		res.PageBytes = tunnel.bytes()
+		res.PageBytes += tunnel.bytes()
 	}
 
 	// From here on, any failure before the restore succeeded rolls back.
@@ -371,6 +411,58 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 	report(PhaseDone, res.PageBytes+res.ImageBytes, "")
 	log.WithFields(logrus.Fields{"downtime_ms": res.DowntimeMS, "frozen_ms": res.FrozenMS, "bytes": res.PageBytes + res.ImageBytes}).Info("workload migrated")
 	return res, nil
+}
+
+// precopy runs the pre-dump rounds of a pre-copy migration in numbered
+// directories under dir, each round's pages through a page channel of its own, and
+// returns the last round's directory: the final dump's parent.
+func (s *Source) precopy(ctx context.Context, dst Destination, name string, res *Result, dir string, progress func(int64, string)) (string, error) {
+	pd, ok := s.Workloads.(PreDumper)
+	if !ok {
+		return "", fmt.Errorf("%w: precopy: this host's workload manager cannot pre-dump", ErrStrategyUnavailable)
+	}
+	rule := s.Precopy
+	if rule.MaxRounds == 0 {
+		rule = DefaultPrecopyRule
+	}
+	var written []uint64
+	var parent string
+	for rule.Continue(written) {
+		if err := ctx.Err(); err != nil {
+			return "", err
+		}
+		n := len(written) + 1
+		roundDir := filepath.Join(dir, strconv.Itoa(n))
+		start := time.Now()
+		pages, err := dst.Pages(ctx, res.ID)
+		if err != nil {
+			return "", fmt.Errorf("pre-copy round %d: open the page channel: %w", n, err)
+		}
+		criuEnd, tunnel, err := carry(pages)
+		if err != nil {
+			return "", fmt.Errorf("pre-copy round %d: %w", n, err)
+		}
+		before := res.PageBytes
+		stop := tunnel.tick(func(b int64) { progress(before+b, fmt.Sprintf("round %d", n)) })
+		st, err := pd.PreDump(ctx, name, workload.PreDumpOptions{Dir: roundDir, ParentDir: parent, PageServerConn: criuEnd})
+		criuEnd.Close()
+		terr := tunnel.wait(10 * time.Second)
+		stop()
+		if err != nil {
+			return "", fmt.Errorf("pre-copy round %d: %w", n, err)
+		}
+		if terr != nil {
+			return "", fmt.Errorf("pre-copy round %d: page channel: %w", n, terr)
+		}
+		r := Round{Pages: st.PagesWritten, Bytes: tunnel.bytes(), MS: ms(time.Since(start)), FrozenMS: ms(st.FrozenTime)}
+		res.Rounds = append(res.Rounds, r)
+		res.PageBytes += r.Bytes
+		written = append(written, st.PagesWritten)
+		parent = roundDir
+		progress(res.PageBytes, fmt.Sprintf("round %d: %d pages (%d MiB) in %.0f ms", n, r.Pages, r.Bytes>>20, r.MS))
+		s.log().WithFields(logrus.Fields{"workload": name, "round": n, "pages": r.Pages, "bytes": r.Bytes, "ms": r.MS}).Info("pre-copy round")
+	}
+	return parent, nil
 }
 
 type dumpResult struct {

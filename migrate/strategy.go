@@ -55,7 +55,7 @@ type Capabilities struct {
 }
 
 // implemented are the strategies this build can drive end to end.
-var implemented = []Strategy{StopCopy, PostCopy}
+var implemented = []Strategy{PreCopy, StopCopy, PostCopy}
 
 // needs lists the CRIU features each strategy needs on both ends.
 var needs = map[Strategy][]string{

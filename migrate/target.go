@@ -52,6 +52,8 @@ type incoming struct {
 	req      PrepareRequest
 	created  time.Time
 	dir      string
+	cur      string // where the current page server writes and the images go
+	round    int    // pre-copy: the page server's round, 1 for the first
 	ps       *checkpoint.PageServer
 	tunnel   *os.File // our end of the page channel; nil once handed out
 	lazyEnd  *os.File // post-copy: CRIU's end, for the lazy-pages daemon at restore
@@ -112,6 +114,13 @@ func (t *Target) Prepare(ctx context.Context, req PrepareRequest) (PrepareRespon
 		return PrepareResponse{}, fmt.Errorf("%w: migration %s already exists", ErrPreflight, req.ID)
 	}
 	in := &incoming{req: req, dir: filepath.Join(t.WorkDir, req.ID), busy: true, created: time.Now()}
+	in.cur = in.dir
+	if req.Strategy == PreCopy {
+		// Each pre-dump round gets a directory of its own whose parent link names
+		// the round before; the restore follows the links for unchanged pages.
+		in.round = 1
+		in.cur = filepath.Join(in.dir, "1")
+	}
 	t.m[req.ID] = in
 	t.mu.Unlock()
 
@@ -119,7 +128,7 @@ func (t *Target) Prepare(ctx context.Context, req PrepareRequest) (PrepareRespon
 		t.drop(in)
 		return PrepareResponse{}, err
 	}
-	if err := os.MkdirAll(in.dir, 0o700); err != nil {
+	if err := os.MkdirAll(in.cur, 0o700); err != nil {
 		return fail(fmt.Errorf("prepare %s: %w", req.ID, err))
 	}
 	// The page server listens on nothing: it serves one end of a socket pair whose
@@ -135,13 +144,10 @@ func (t *Target) Prepare(ctx context.Context, req PrepareRequest) (PrepareRespon
 		t.log().WithFields(logrus.Fields{"migration": req.ID, "workload": req.Workload.Name}).Info("prepared incoming post-copy migration")
 		return PrepareResponse{PageServer: t.Host + " lazy-pages"}, nil
 	}
-	ps, err := t.Engine.StartPageServer(ctx, checkpoint.PageServerOptions{ImagesDir: in.dir, Conn: criuEnd})
-	criuEnd.Close() // the page server holds its own copy
-	if err != nil {
-		ours.Close()
+	if err := t.startPageServer(ctx, in, criuEnd, ours); err != nil {
 		return fail(fmt.Errorf("prepare %s: %w", req.ID, err))
 	}
-	in.ps, in.tunnel = ps, ours
+	ps := in.ps
 	t.put(in)
 	t.log().WithFields(logrus.Fields{"migration": req.ID, "workload": req.Workload.Name, "page_server": ps.Pid}).Info("prepared incoming migration")
 	return PrepareResponse{PageServer: fmt.Sprintf("%s pid %d", t.Host, ps.Pid)}, nil
@@ -154,6 +160,11 @@ func (t *Target) Pages(ctx context.Context, id string) (io.ReadWriteCloser, erro
 		return nil, err
 	}
 	defer t.put(in)
+	if in.tunnel == nil && in.req.Strategy == PreCopy && !in.images {
+		if err := t.nextRound(ctx, in); err != nil {
+			return nil, fmt.Errorf("migration %s: %w", id, err)
+		}
+	}
 	if in.tunnel == nil {
 		return nil, fmt.Errorf("migration %s: page channel already open", id)
 	}
@@ -164,6 +175,57 @@ func (t *Target) Pages(ctx context.Context, id string) (io.ReadWriteCloser, erro
 		return nil, fmt.Errorf("migration %s: page channel: %w", id, err)
 	}
 	return c, nil
+}
+
+// startPageServer runs a page server writing to in.cur on criuEnd and keeps ours
+// for Pages to hand out. It closes criuEnd, and ours on failure.
+func (t *Target) startPageServer(ctx context.Context, in *incoming, criuEnd, ours *os.File) error {
+	ps, err := t.Engine.StartPageServer(ctx, checkpoint.PageServerOptions{ImagesDir: in.cur, Conn: criuEnd})
+	criuEnd.Close() // the page server holds its own copy
+	if err != nil {
+		ours.Close()
+		return err
+	}
+	in.ps, in.tunnel = ps, ours
+	return nil
+}
+
+// MaxPrecopyRounds bounds the pre-dump rounds a destination accepts for one
+// migration (each round's pages stay until the restore).
+const MaxPrecopyRounds = 16
+
+// nextRound opens pre-copy's next round once the page server of the round before
+// has stored everything its dump sent.
+func (t *Target) nextRound(ctx context.Context, in *incoming) error {
+	if in.round >= MaxPrecopyRounds {
+		return fmt.Errorf("pre-copy: more than %d rounds", MaxPrecopyRounds)
+	}
+	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	err := in.ps.Wait(wctx)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("pre-copy round %d did not complete: %w", in.round, err)
+	}
+	next := filepath.Join(in.dir, strconv.Itoa(in.round+1))
+	if err := os.Mkdir(next, 0o700); err != nil {
+		return fmt.Errorf("pre-copy round %d: %w", in.round+1, err)
+	}
+	if err := os.Symlink(filepath.Join("..", strconv.Itoa(in.round)), filepath.Join(next, "parent")); err != nil {
+		return fmt.Errorf("pre-copy round %d: %w", in.round+1, err)
+	}
+	criuEnd, ours, err := bigSocketPair()
+	if err != nil {
+		return fmt.Errorf("pre-copy round %d: %w", in.round+1, err)
+	}
+	prev := in.cur
+	in.round++
+	in.cur = next
+	if err := t.startPageServer(ctx, in, criuEnd, ours); err != nil {
+		in.ps = nil
+		return fmt.Errorf("pre-copy round %d: page server: %w", in.round, err)
+	}
+	t.log().WithFields(logrus.Fields{"migration": in.req.ID, "round": in.round, "parent": prev}).Debug("pre-copy round opened")
+	return nil
 }
 
 // preflight checks everything it can before the source freezes anything.
@@ -235,7 +297,7 @@ func (t *Target) SendImages(ctx context.Context, id string, r io.Reader) (Receiv
 	if lim.MaxFiles == 0 {
 		lim = DefaultLimits
 	}
-	files, n, err := ReadImages(r, in.dir, lim)
+	files, n, err := ReadImages(r, in.cur, lim)
 	if err != nil {
 		return Received{}, fmt.Errorf("images of %s: %w", id, err)
 	}
@@ -258,7 +320,7 @@ func (t *Target) Restore(ctx context.Context, id string) (RestoreResponse, error
 	}
 	postCopy := in.req.Strategy == PostCopy
 	if postCopy {
-		lp, err := t.Engine.StartLazyPages(ctx, checkpoint.LazyPagesOptions{ImagesDir: in.dir, Conn: in.lazyEnd})
+		lp, err := t.Engine.StartLazyPages(ctx, checkpoint.LazyPagesOptions{ImagesDir: in.cur, Conn: in.lazyEnd})
 		in.lazyEnd.Close()
 		in.lazyEnd = nil
 		if err != nil {
@@ -276,7 +338,7 @@ func (t *Target) Restore(ctx context.Context, id string) (RestoreResponse, error
 	}
 
 	var resp RestoreResponse
-	rec, res, err := t.Workloads.Restore(ctx, workload.RestoreOptions{Dir: in.dir, BeforeRestore: func(rec workload.Record) error {
+	rec, res, err := t.Workloads.Restore(ctx, workload.RestoreOptions{Dir: in.cur, BeforeRestore: func(rec workload.Record) error {
 		start := time.Now()
 		for _, v := range rec.VIPs {
 			if err := t.VIPs.Add(ctx, v); err != nil {

@@ -202,6 +202,10 @@ func (a *app) printResult(r *migrate.Result) {
 	fmt.Fprintf(tw, "%s\t%.1f ms\t%.1f ms\t%s\t%.1f ms\n", r.Strategy, r.FrozenMS, r.DowntimeMS,
 		units.BytesSize(float64(r.PageBytes+r.ImageBytes)), r.TotalMS)
 	_ = tw.Flush()
+	for i, rd := range r.Rounds {
+		fmt.Fprintf(a.stdout, "  pre-copy round %d: %d pages, %s in %.1f ms (workload stopped %.1f ms)\n", i+1, rd.Pages,
+			units.BytesSize(float64(rd.Bytes)), rd.MS, rd.FrozenMS)
+	}
 }
 
 // progressBar draws a migration's progress on stderr: one redrawn line on a

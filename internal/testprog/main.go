@@ -3,6 +3,10 @@
 //	testprog counter [interval]      print 1, 2, 3, ... one per line
 //	testprog openfile PATH           hold PATH open, then count like counter
 //	testprog hog SIZE                fill SIZE bytes (e.g. 64M) of memory, print READY, idle
+//	testprog dirty SIZE RATE         fill SIZE bytes, print READY, then rewrite RATE bytes
+//	                                 a second (random pages, each with its own generation)
+//	                                 and check every page once a second: "OK n" (n pages
+//	                                 rewritten so far) or "CORRUPT page i", which exits
 //	testprog echo                    echo every TCP connection's bytes back; print "PORT n"
 //	testprog complex DIR             a tree with threads, a pipe to a child, an open
 //	                                 file in DIR, a zombie and a listening TCP socket
@@ -12,9 +16,11 @@ package main
 
 import (
 	"bufio"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -68,6 +74,8 @@ func main() {
 		echoServer()
 	case "hog":
 		hog(os.Args[2])
+	case "dirty":
+		dirty(parseSize(os.Args[2]), parseSize(os.Args[3]))
 	case "pipe-reader":
 		pipeReader()
 	case "exit0":
@@ -210,7 +218,7 @@ func complexTree(dir string) {
 }
 
 // hog keeps size bytes of anonymous memory resident, filled so no page is zero.
-func hog(size string) {
+func parseSize(size string) int64 {
 	mult := int64(1)
 	switch size[len(size)-1] {
 	case 'K', 'k':
@@ -227,7 +235,11 @@ func hog(size string) {
 	if err != nil {
 		fatal(err)
 	}
-	buf := make([]byte, n*mult)
+	return n * mult
+}
+
+func hog(size string) {
+	buf := make([]byte, parseSize(size))
 	for i := range buf {
 		buf[i] = byte(i*7 + i>>12)
 	}
@@ -235,6 +247,62 @@ func hog(size string) {
 	for {
 		time.Sleep(time.Hour)
 		buf[0]++
+	}
+}
+
+// dirty keeps rewriting random pages of its memory, each page filled from its index
+// and its own generation, and checks them all once a second: a migration that
+// loses or mixes up a page round shows as CORRUPT.
+func dirty(size, rate int64) {
+	const page = 4096
+	pages := int(size / page)
+	buf := make([]byte, pages*page)
+	gen := make([]uint32, pages)
+	word := func(i, j int) uint32 { return uint32(i)*2654435761 ^ gen[i]<<20 ^ uint32(j) }
+	fill := func(i int) {
+		p := buf[i*page : (i+1)*page]
+		for j := 0; j < page; j += 4 {
+			binary.LittleEndian.PutUint32(p[j:], word(i, j))
+		}
+	}
+	check := func() int {
+		for i := 0; i < pages; i++ {
+			p := buf[i*page : (i+1)*page]
+			for j := 0; j < page; j += 4 {
+				if binary.LittleEndian.Uint32(p[j:]) != word(i, j) {
+					return i
+				}
+			}
+		}
+		return -1
+	}
+	for i := 0; i < pages; i++ {
+		fill(i)
+	}
+	fmt.Println("READY")
+	const tick = 10 * time.Millisecond
+	perTick := int(rate / page / int64(time.Second/tick))
+	if perTick == 0 && rate > 0 {
+		perTick = 1
+	}
+	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 1))
+	var rewritten int64
+	last := time.Now()
+	for range time.Tick(tick) {
+		for k := 0; k < perTick; k++ {
+			i := rng.IntN(pages)
+			gen[i]++
+			fill(i)
+			rewritten++
+		}
+		if time.Since(last) >= time.Second {
+			last = time.Now()
+			if i := check(); i >= 0 {
+				fmt.Printf("CORRUPT page %d\n", i)
+				os.Exit(1)
+			}
+			fmt.Printf("OK %d\n", rewritten)
+		}
 	}
 }
 

@@ -45,6 +45,68 @@ type CheckpointOptions struct {
 	LazyConn bool
 	// Ready is called once the images are complete (see checkpoint.DumpOptions).
 	Ready func()
+	// ParentDir is the last pre-dump's images directory (see PreDump): only the
+	// pages written since then are dumped. It needs dirty-memory tracking.
+	ParentDir string
+}
+
+// PreDumper is the part of the checkpoint engine that pre-copy needs.
+type PreDumper interface {
+	PreDump(ctx context.Context, o checkpoint.DumpOptions) (*checkpoint.DumpStats, error)
+}
+
+// PreDumpOptions describes one pre-dump round of a pre-copy migration.
+type PreDumpOptions struct {
+	Dir string
+	// ParentDir is the previous round's directory ("" for the first round).
+	ParentDir string
+	// PageServerConn carries the pages to the destination's page server.
+	PageServerConn *os.File
+}
+
+// PreDump copies the memory of a running workload (only what changed since
+// ParentDir's round) while it keeps running: a round of pre-copy. It needs
+// dirty-memory tracking in the kernel; without it the error matches
+// checkpoint.ErrNotSupported.
+func (m *Manager) PreDump(ctx context.Context, name string, opts PreDumpOptions) (*checkpoint.DumpStats, error) {
+	pd, ok := m.cfg.Checkpointer.(PreDumper)
+	if !ok {
+		return nil, fmt.Errorf("pre-dump %s: %w", name, checkpoint.ErrNotSupported)
+	}
+	if opts.Dir == "" {
+		return nil, fmt.Errorf("%w: pre-dump %s: no image directory given", ErrInvalid, name)
+	}
+	dir, err := filepath.Abs(opts.Dir)
+	if err != nil {
+		return nil, fmt.Errorf("pre-dump %s: %w", name, err)
+	}
+	e, err := m.acquire(name, "pre-dump", Running)
+	if err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	pid := e.rec.Pid
+	m.mu.Unlock()
+	defer func() {
+		m.mu.Lock()
+		m.release(e)
+		m.mu.Unlock()
+	}()
+	if err := writableDir(dir); err != nil {
+		return nil, fmt.Errorf("pre-dump %s: %w", name, err)
+	}
+	st, err := pd.PreDump(ctx, checkpoint.DumpOptions{
+		Pid:            pid,
+		ImagesDir:      dir,
+		ParentDir:      opts.ParentDir,
+		ManageCgroups:  true,
+		FileLocks:      true,
+		PageServerConn: opts.PageServerConn,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("pre-dump %s: %w", name, err)
+	}
+	return st, nil
 }
 
 // Checkpoint dumps a running workload into opts.Dir. Unless told to leave it running
@@ -112,6 +174,8 @@ func (m *Manager) Checkpoint(ctx context.Context, name string, opts CheckpointOp
 		PageServerConn: opts.PageServerConn,
 		LazyConn:       opts.LazyConn,
 		Ready:          opts.Ready,
+		ParentDir:      opts.ParentDir,
+		TrackMem:       opts.ParentDir != "",
 	})
 	if err != nil {
 		_ = os.Remove(filepath.Join(dir, MetaFile))
