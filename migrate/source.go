@@ -57,7 +57,7 @@ type Request struct {
 // Phases of a migration, in order, as Progress reports them.
 const (
 	PhasePreflight = "preflight"
-	PhasePrecopy   = "precopy" // pre-copy: memory moves in rounds while the workload runs
+	PhasePrecopy   = "precopy"     // pre-copy: memory moves in rounds while the workload runs
 	PhaseFreeze    = "freeze+dump" // frozen; memory streams to the destination's page server
 	PhaseImages    = "images"      // the rest of the images travel
 	PhaseRestore   = "restore"     // VIP ready, restore, VIP announced on the destination
