@@ -347,3 +347,60 @@ func TestDestinationKilledMidway(t *testing.T) {
 		t.Errorf("client resolves the VIP to %s, want h0's %s", mac, h0.Node.MAC)
 	}
 }
+
+// A restore that fails on the destination after the freeze (here: the service's
+// port is taken on h1, so CRIU cannot bind the listening socket there) rolls back:
+// the workload runs on h0 again with its address, and its client keeps its
+// connection. (A file missing on h1 is refused earlier, by the pre-flight check,
+// before anything froze; the hosts of this harness share one filesystem, so that
+// case is tested in-process in migrate.)
+func TestRestoreFailsOnDestination(t *testing.T) {
+	c, d := twoHosts(t)
+	h0, h1, client := d.Hosts[0], d.Hosts[1], c.Clients[0]
+	vip := c.VIP(0)
+	echo := filepath.Join(h0.Dir, "echoserver")
+	copyFile(t, testutil.Build(t, "./integration/harness/echoserver"), echo)
+	must(t, h0, "run", "echo", "--vip", vip.String()+"@eth0", "--env", "GODEBUG=multipathtcp=0", "--",
+		echo, "-listen", netip.AddrPortFrom(vip.Addr(), 9000).String())
+	testutil.Eventually(t, 10*time.Second, "the echo server to listen", func() bool {
+		return strings.Contains(must(t, h0, "logs", "echo"), "LISTENING")
+	})
+	// Something else on h1 listens on every address's port 9000.
+	blocker, err := c.Start(h1.Node, echo, "-listen", "0.0.0.0:9000")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := blocker.WaitOutput(ctx, "LISTENING"); err != nil {
+		t.Fatal(err)
+	}
+	before, _ := recordOn(t, h0, "echo")
+	s, err := harness.StartStream(context.Background(), client, netip.AddrPortFrom(vip.Addr(), 9000), 128<<10, 1024)
+	if err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, 10*time.Second, "stream traffic", func() bool { return s.Stats().BytesVerified > 32<<10 })
+
+	_, err = h0.Ctl(context.Background(), "migrate", "echo", "--to", "h1", "--strategy", "stopcopy")
+	if err == nil || !strings.Contains(err.Error(), "rolled back") || !strings.Contains(err.Error(), "restore failed") {
+		t.Fatalf("migrate onto a taken port: %v, want a rolled-back restore failure", err)
+	}
+	t.Logf("migrate failed as expected: %v", err)
+	if r, _ := recordOn(t, h0, "echo"); r.State != workload.Running || r.Pid != before.Pid {
+		t.Fatalf("after the rollback h0 has echo %s pid %d (was %d)", r.State, r.Pid, before.Pid)
+	}
+	if r, ok := recordOn(t, h1, "echo"); ok && (r.State == workload.Running || r.State == workload.Frozen) {
+		t.Fatalf("h1 kept a copy of echo: %s", r.State)
+	}
+	n := s.Stats().BytesVerified
+	testutil.Eventually(t, 10*time.Second, "the stream to go on", func() bool { return s.Stats().BytesVerified > n+64<<10 })
+	st := s.Stop()
+	if st.Err != nil {
+		t.Fatalf("client stream broke: %v", st.Err)
+	}
+	t.Logf("stream: verified %d bytes, longest pause %s", st.BytesVerified, st.MaxGap)
+	if mac := neighbourMAC(t, client, vip.Addr()); mac != h0.Node.MAC.String() {
+		t.Errorf("client resolves the VIP to %s, want h0's %s", mac, h0.Node.MAC)
+	}
+}
