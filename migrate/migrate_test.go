@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -148,6 +149,9 @@ func TestMigrateStopAndCopy(t *testing.T) {
 		t.Errorf("implausible result %+v", res)
 	}
 	want := []string{migrate.PhasePreflight, migrate.PhaseFreeze, migrate.PhaseImages, migrate.PhaseRestore, migrate.PhaseCommit, migrate.PhaseDone}
+	if res.LazyRestore { // the copy ran while its memory was filled in on b
+		want = slices.Insert(want, 4, migrate.PhasePages)
+	}
 	if strings.Join(phases, ",") != strings.Join(want, ",") {
 		t.Errorf("phases %v, want %v", phases, want)
 	}
@@ -397,6 +401,9 @@ func TestMigratePreCopy(t *testing.T) {
 	t.Logf("pre-copy: %d rounds %+v, frozen %.1f ms, downtime %.1f ms, total %.1f ms, page bytes %d, images %d", len(res.Rounds), res.Rounds, res.FrozenMS, res.DowntimeMS, res.TotalMS, res.PageBytes, res.ImageBytes)
 	t.Logf("progress: %s", strings.Join(messages, "; "))
 	want := []string{migrate.PhasePreflight, migrate.PhasePrecopy, migrate.PhaseFreeze, migrate.PhaseImages, migrate.PhaseRestore, migrate.PhaseCommit, migrate.PhaseDone}
+	if res.LazyRestore {
+		want = slices.Insert(want, 5, migrate.PhasePages)
+	}
 	if strings.Join(phases, ",") != strings.Join(want, ",") {
 		t.Errorf("phases %v, want %v", phases, want)
 	}
@@ -429,6 +436,51 @@ func TestMigratePreCopy(t *testing.T) {
 	}
 	if p.liveCopies("dirty") != 1 {
 		t.Errorf("%d live copies", p.liveCopies("dirty"))
+	}
+}
+
+// Stop-and-copy restores lazily where userfaultfd allows: the copy runs at once and
+// its memory fills in from the images already on b. Every page must be right, and
+// an eager restore must work as well.
+func TestStopCopyRestoreLazyAndEager(t *testing.T) {
+	for _, eager := range []bool{false, true} {
+		t.Run(fmt.Sprintf("eager=%v", eager), func(t *testing.T) {
+			p := newPair(t)
+			if !eager {
+				testutil.RequiresCRIU(t, checkpoint.FeatureUFFDNonCoop)
+			}
+			p.dst.EagerRestore = eager
+			rec := p.run(t, "dirty", "dirty", "64M", "8M")
+			testutil.Eventually(t, time.Minute, "the workload to fill its memory", func() bool {
+				return strings.Contains(readFile(t, rec.Stdout), "OK")
+			})
+			res, err := p.src.Migrate(context.Background(), p.dst, migrate.Request{Workload: "dirty", To: "b", Strategy: migrate.StopCopy}, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("stop-and-copy (eager %v): lazy %v, frozen %.1f ms, downtime %.1f ms, restore %.1f ms, total %.1f ms", eager, res.LazyRestore, res.FrozenMS, res.DowntimeMS, res.RestoreMS, res.TotalMS)
+			if res.LazyRestore == eager {
+				t.Errorf("lazy restore %v with EagerRestore %v", res.LazyRestore, eager)
+			}
+			b, _ := p.b.Get("dirty")
+			if b.State != workload.Running || alive(rec.Pid) {
+				t.Fatalf("after migration: b %s, source alive %v", b.State, alive(rec.Pid))
+			}
+			// Once the migration returned, every page is in place on b.
+			if kb := rssKiB(b.Pid); kb < 64*1024 {
+				t.Errorf("restored copy holds %d KiB, want all 64 MiB", kb)
+			}
+			before := strings.Count(readFile(t, rec.Stdout), "OK")
+			testutil.Eventually(t, 30*time.Second, "two page checks on b", func() bool {
+				return strings.Count(readFile(t, rec.Stdout), "OK") >= before+2
+			})
+			if out := readFile(t, rec.Stdout); strings.Contains(out, "CORRUPT") {
+				t.Fatalf("the migrated workload found a corrupt page: %s", out[strings.Index(out, "CORRUPT"):])
+			}
+			if p.liveCopies("dirty") != 1 {
+				t.Errorf("%d live copies", p.liveCopies("dirty"))
+			}
+		})
 	}
 }
 

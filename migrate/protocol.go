@@ -76,6 +76,9 @@ type RestoreResponse struct {
 	RestoreMS     float64 `json:"restore_ms"`      // CRIU's own restore time
 	RestoreWallMS float64 `json:"restore_wall_ms"` // the whole CRIU call
 	AnnounceMS    float64 `json:"announce_ms"`     // restore done to the first announcement sent
+	// Lazy means the copy runs while its memory is still being filled in; the
+	// destination's Commit returns once every page is in place.
+	Lazy bool `json:"lazy,omitempty"`
 }
 
 var idRe = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,100}$`)

@@ -98,6 +98,9 @@ type Result struct {
 	// AnnounceMS runs from the restore's end to the first announcement of the
 	// service addresses on the destination (they answer from then on).
 	AnnounceMS float64 `json:"announce_ms"`
+	// LazyRestore means the copy ran on the destination while its memory was still
+	// being filled in there (the downtime then does not include moving it in).
+	LazyRestore bool `json:"lazy_restore,omitempty"`
 	// Rounds are pre-copy's pre-dump rounds, before the freeze.
 	Rounds []Round `json:"rounds,omitempty"`
 	// Phases holds each phase's duration in milliseconds.
@@ -372,6 +375,7 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 	res.VIPAddMS = rr.VIPAddMS
 	res.AnnounceMS = rr.AnnounceMS
 	res.Pid = rr.Workload.Pid
+	res.LazyRestore = rr.Lazy
 
 	if postCopy {
 		// The copy runs on the destination; its memory follows from the frozen source.
@@ -396,6 +400,22 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 		res.TotalMS = ms(time.Since(start))
 		report(PhaseDone, res.PageBytes+res.ImageBytes, "")
 		log.WithFields(logrus.Fields{"downtime_ms": res.DowntimeMS, "bytes": res.PageBytes + res.ImageBytes}).Info("workload migrated (post-copy)")
+		return res, nil
+	} else if rr.Lazy {
+		// The copy runs; the destination fills its memory in from the images it
+		// holds. Until every page is in place the frozen source stays the complete copy.
+		report(PhasePages, res.PageBytes+res.ImageBytes, "the workload runs on "+req.To+"; its memory fills in there")
+		if err := dst.Commit(context.WithoutCancel(ctx), res.ID); err != nil {
+			_ = abortWithRetry(context.WithoutCancel(ctx), dst, res.ID)
+			return rollback(fmt.Errorf("filling in the memory failed after the copy started on %s (stopped there; its clients' connections may have been reset): %w", req.To, err))
+		}
+		report(PhaseCommit, res.PageBytes+res.ImageBytes, "")
+		if _, err := s.Workloads.Discard(rec.Name, req.To); err != nil {
+			log.WithError(err).Warn("discarding the migrated source")
+		}
+		res.TotalMS = ms(time.Since(start))
+		report(PhaseDone, res.PageBytes+res.ImageBytes, "")
+		log.WithFields(logrus.Fields{"downtime_ms": res.DowntimeMS, "frozen_ms": res.FrozenMS, "bytes": res.PageBytes + res.ImageBytes}).Info("workload migrated")
 		return res, nil
 	} else {
 		// Commit: the destination runs the workload; the frozen source goes.

@@ -40,6 +40,11 @@ type Target struct {
 	// Caps returns this host's capabilities.
 	Caps func(ctx context.Context) (Capabilities, error)
 	Log  *logrus.Entry
+	// EagerRestore restores stop-and-copy and pre-copy migrations with all their
+	// memory in place before the copy runs. By default, where userfaultfd allows,
+	// the copy runs at once and a local lazy-pages daemon fills its memory in from
+	// the images that already arrived; the source stays frozen until it is done.
+	EagerRestore bool
 	// StaleAfter is how long a migration may stay prepared without being restored
 	// before Sweep aborts it (its source died or gave up); 0 means 10 minutes.
 	StaleAfter time.Duration
@@ -190,6 +195,17 @@ func (t *Target) startPageServer(ctx context.Context, in *incoming, criuEnd, our
 	return nil
 }
 
+// lazyLocal reports whether a restore whose pages all arrived should still be lazy:
+// the copy runs at once and a local daemon fills its memory in from the images,
+// so the downtime does not grow with the memory.
+func (t *Target) lazyLocal(ctx context.Context) bool {
+	if t.EagerRestore {
+		return false
+	}
+	caps, err := t.Caps(ctx)
+	return err == nil && caps.Features[checkpoint.FeatureUFFDNonCoop]
+}
+
 // MaxPrecopyRounds bounds the pre-dump rounds a destination accepts for one
 // migration (each round's pages stay until the restore).
 const MaxPrecopyRounds = 16
@@ -319,6 +335,7 @@ func (t *Target) Restore(ctx context.Context, id string) (RestoreResponse, error
 		return RestoreResponse{}, fmt.Errorf("migration %s: already restored", id)
 	}
 	postCopy := in.req.Strategy == PostCopy
+	lazy := postCopy || t.lazyLocal(ctx)
 	if postCopy {
 		lp, err := t.Engine.StartLazyPages(ctx, checkpoint.LazyPagesOptions{ImagesDir: in.cur, Conn: in.lazyEnd})
 		in.lazyEnd.Close()
@@ -335,6 +352,15 @@ func (t *Target) Restore(ctx context.Context, id string) (RestoreResponse, error
 		if err != nil {
 			return RestoreResponse{}, fmt.Errorf("%w: %s: page server still waiting for memory: %w", ErrRestoreFailed, id, err)
 		}
+		if lazy {
+			// Every page is here already; the copy starts before they are all in
+			// place, and a local lazy-pages daemon fills them in from the images.
+			lp, err := t.Engine.StartLazyPages(ctx, checkpoint.LazyPagesOptions{ImagesDir: in.cur})
+			if err != nil {
+				return RestoreResponse{}, fmt.Errorf("%w: %s: %w", ErrRestoreFailed, id, err)
+			}
+			in.lazy = lp
+		}
 	}
 
 	var resp RestoreResponse
@@ -348,7 +374,7 @@ func (t *Target) Restore(ctx context.Context, id string) (RestoreResponse, error
 		}
 		resp.VIPAddMS = ms(time.Since(start))
 		return nil
-	}, LazyPages: postCopy})
+	}, LazyPages: lazy})
 	if err != nil {
 		t.removeVIPs(in)
 		if in.lazy != nil {
@@ -358,7 +384,8 @@ func (t *Target) Restore(ctx context.Context, id string) (RestoreResponse, error
 		return RestoreResponse{}, fmt.Errorf("%w: %w", ErrRestoreFailed, err)
 	}
 	in.restored = true
-	if postCopy {
+	resp.Lazy = lazy
+	if lazy {
 		// The copy runs while its memory arrives. Should the transfer fail, the
 		// missing pages would read as zeroes: stop the copy rather than let it run
 		// on corrupt memory.
