@@ -66,9 +66,10 @@ func main() {
 	echo := flag.String("echoserver", "bin/echoserver", "echo server binary")
 	sizes := flag.String("sizes", "64,512,2048", "workload sizes in MiB")
 	dirty := flag.String("dirty", "0,20", "dirtying rates in MiB/s")
+	methods := flag.String("methods", "baseline,stopcopy,postcopy,precopy", "what to measure: baseline and duplex strategies")
 	out := flag.String("out", "bench.json", "where to write the figures as JSON")
 	flag.Parse()
-	rows, err := run(*duplexd, *duplexctl, *echo, ints(*sizes), ints(*dirty))
+	rows, err := run(*duplexd, *duplexctl, *echo, ints(*sizes), ints(*dirty), strings.Split(*methods, ","))
 	if len(rows) > 0 {
 		printTable(rows)
 		b, _ := json.MarshalIndent(rows, "", "  ")
@@ -94,7 +95,7 @@ func ints(s string) []int {
 	return out
 }
 
-func run(duplexd, duplexctl, echo string, sizes, dirty []int) ([]Row, error) {
+func run(duplexd, duplexctl, echo string, sizes, dirty []int, methods []string) ([]Row, error) {
 	if os.Geteuid() != 0 {
 		return nil, fmt.Errorf("needs root")
 	}
@@ -148,9 +149,21 @@ func run(duplexd, duplexctl, echo string, sizes, dirty []int) ([]Row, error) {
 	defer b.nf1.Close()
 
 	var rows []Row
+	// A strategy this kernel cannot run is reported once, not measured.
+	var usable []string
+	for _, m := range methods {
+		f := map[string]string{string(migrate.PreCopy): checkpoint.FeatureMemDirtyTrack, string(migrate.PostCopy): checkpoint.FeatureUFFDNonCoop}[m]
+		if ok, _ := checkpoint.New(b.criu).HasFeature(ctx, f); f != "" && !ok {
+			fmt.Fprintf(os.Stderr, "bench: %s unavailable here (CRIU lacks %s); not measured\n", m, f)
+			rows = append(rows, Row{Method: m, Err: "unavailable on this kernel: CRIU lacks " + f})
+			continue
+		}
+		usable = append(usable, m)
+	}
+	methods = usable
 	for _, size := range sizes {
 		for _, dr := range dirty {
-			for _, method := range []string{"baseline", string(migrate.StopCopy), string(migrate.PostCopy)} {
+			for _, method := range methods {
 				fmt.Fprintf(os.Stderr, "bench: %d MiB, dirtying %d MiB/s, %s ...\n", size, dr, method)
 				r := b.one(ctx, size, dr, method)
 				if r.Err != "" {
@@ -364,6 +377,10 @@ func printTable(rows []Row) {
 		client := "ok"
 		if r.ClientErr != "" {
 			client = "BROKEN"
+		}
+		if r.Err != "" && r.SizeMiB == 0 {
+			fmt.Fprintf(tw, "all\t-\t%s\t%s\t\t\t\t\t\t\t\t\n", r.Method, r.Err)
+			continue
 		}
 		if r.Err != "" {
 			fmt.Fprintf(tw, "%d MiB\t%d MiB/s\t%s\tfailed: %s\t\t\t\t\t\t\t\t\n", r.SizeMiB, r.DirtyMiB, r.Method, r.Err)
