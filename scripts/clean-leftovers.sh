@@ -27,7 +27,9 @@ if command -v nft >/dev/null; then
 		nft delete table inet "$t" && echo "clean: removed nftables table $t"
 	done
 fi
-rm -rf /tmp/duplex-it-* /tmp/duplex-testbin-* 2>/dev/null
+# VM guests of internal/vmtest whose test process died (QEMU runs as process duplex-vmtest).
+pkill -9 -x duplex-vmtest 2>/dev/null && echo "clean: killed stray vmtest guest"
+rm -rf /tmp/duplex-it-* /tmp/duplex-testbin-* /tmp/duplex-vmtest-* 2>/dev/null
 # Network namespaces of integration/harness clusters (<prefix>-<8 hex>-sw|hN|cN, the
 # prefix starting with dpx): kill what still runs inside, then delete them (their veths
 # and bridge go with them).

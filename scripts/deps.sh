@@ -462,4 +462,5 @@ install_go_tools() {
 install_debs
 install_criu
 install_go_tools
+DUPLEX_LIB_DIR=$DUPLEX_LIB_DIR bash "$(dirname "${BASH_SOURCE[0]}")/vm-deps.sh" # VM guest for internal/vmtest
 log "done: CRIU $CRIU_FINAL_VERSION at $CRIU_WRAPPER"

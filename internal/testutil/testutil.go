@@ -139,13 +139,27 @@ func Main(m *testing.M) int {
 	return code
 }
 
+// EnvTestBinDir names the environment variable that makes Build use prebuilt binaries
+// instead of running the go tool: DIR/NAME for package ./.../NAME. It is for test
+// binaries that run where no go tool or source is, such as inside an internal/vmtest guest.
+const EnvTestBinDir = "DUPLEX_TESTBIN_DIR"
+
 // Build compiles a main package of this module once per test binary and returns
-// the binary's path, e.g. Build(t, "./internal/testprog").
+// the binary's path, e.g. Build(t, "./internal/testprog"). With $DUPLEX_TESTBIN_DIR set,
+// it returns the prebuilt binary there instead.
 func Build(t testing.TB, pkg string) string {
 	t.Helper()
 	buildMu.Lock()
 	defer buildMu.Unlock()
 	if p, ok := binCache[pkg]; ok {
+		return p
+	}
+	if dir := os.Getenv(EnvTestBinDir); dir != "" {
+		p := filepath.Join(dir, filepath.Base(pkg))
+		if st, err := os.Stat(p); err != nil || !st.Mode().IsRegular() {
+			t.Fatalf("%s=%s but no prebuilt %s there for %s", EnvTestBinDir, dir, filepath.Base(pkg), pkg)
+		}
+		binCache[pkg] = p
 		return p
 	}
 	if binDir == "" {
