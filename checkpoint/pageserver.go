@@ -29,6 +29,10 @@ type PageServerOptions struct {
 	// Conn, when set, is a connected stream socket the page server serves instead
 	// of listening on Address:Port (--ps-socket): the caller carries the pages.
 	Conn *os.File
+	// ParentDir is the previous pre-dump round's images directory, absolute or
+	// relative to ImagesDir: an incremental dump sends only the pages changed
+	// since, and the page server records the others as in the parent.
+	ParentDir string
 }
 
 // PageServer is a running CRIU page server. It writes the pages one dump sends to its
@@ -82,8 +86,16 @@ func (e *Engine) pageServerCommand(o PageServerOptions) (*PageServer, error) {
 	if o.TLS != nil {
 		return nil, errors.New("page server on a given connection: the caller's tunnel provides the encryption, not CRIU")
 	}
-	cmd := exec.Command(e.Path(), "page-server", "-D", o.ImagesDir, "-o", PageServerLog,
-		"-v"+strconv.Itoa(int(logLevel(o.LogLevel))), "--ps-socket", "3")
+	args := []string{"page-server", "-D", o.ImagesDir, "-o", PageServerLog,
+		"-v" + strconv.Itoa(int(logLevel(o.LogLevel))), "--ps-socket", "3"}
+	if o.ParentDir != "" {
+		parent, err := relParent(o.ImagesDir, o.ParentDir)
+		if err != nil {
+			return nil, fmt.Errorf("start page server: %w", err)
+		}
+		args = append(args, "--prev-images-dir", parent)
+	}
+	cmd := exec.Command(e.Path(), args...)
 	cmd.ExtraFiles = []*os.File{o.Conn}
 	logPath := filepath.Join(o.ImagesDir, PageServerLog)
 	if err := cmd.Start(); err != nil {

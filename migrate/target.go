@@ -149,7 +149,7 @@ func (t *Target) Prepare(ctx context.Context, req PrepareRequest) (PrepareRespon
 		t.log().WithFields(logrus.Fields{"migration": req.ID, "workload": req.Workload.Name}).Info("prepared incoming post-copy migration")
 		return PrepareResponse{PageServer: t.Host + " lazy-pages"}, nil
 	}
-	if err := t.startPageServer(ctx, in, criuEnd, ours); err != nil {
+	if err := t.startPageServer(ctx, in, criuEnd, ours, ""); err != nil {
 		return fail(fmt.Errorf("prepare %s: %w", req.ID, err))
 	}
 	ps := in.ps
@@ -184,8 +184,8 @@ func (t *Target) Pages(ctx context.Context, id string) (io.ReadWriteCloser, erro
 
 // startPageServer runs a page server writing to in.cur on criuEnd and keeps ours
 // for Pages to hand out. It closes criuEnd, and ours on failure.
-func (t *Target) startPageServer(ctx context.Context, in *incoming, criuEnd, ours *os.File) error {
-	ps, err := t.Engine.StartPageServer(ctx, checkpoint.PageServerOptions{ImagesDir: in.cur, Conn: criuEnd})
+func (t *Target) startPageServer(ctx context.Context, in *incoming, criuEnd, ours *os.File, parent string) error {
+	ps, err := t.Engine.StartPageServer(ctx, checkpoint.PageServerOptions{ImagesDir: in.cur, Conn: criuEnd, ParentDir: parent})
 	criuEnd.Close() // the page server holds its own copy
 	if err != nil {
 		ours.Close()
@@ -226,7 +226,8 @@ func (t *Target) nextRound(ctx context.Context, in *incoming) error {
 	if err := os.Mkdir(next, 0o700); err != nil {
 		return fmt.Errorf("pre-copy round %d: %w", in.round+1, err)
 	}
-	if err := os.Symlink(filepath.Join("..", strconv.Itoa(in.round)), filepath.Join(next, "parent")); err != nil {
+	parent := filepath.Join("..", strconv.Itoa(in.round))
+	if err := os.Symlink(parent, filepath.Join(next, "parent")); err != nil {
 		return fmt.Errorf("pre-copy round %d: %w", in.round+1, err)
 	}
 	criuEnd, ours, err := bigSocketPair()
@@ -236,7 +237,7 @@ func (t *Target) nextRound(ctx context.Context, in *incoming) error {
 	prev := in.cur
 	in.round++
 	in.cur = next
-	if err := t.startPageServer(ctx, in, criuEnd, ours); err != nil {
+	if err := t.startPageServer(ctx, in, criuEnd, ours, parent); err != nil {
 		in.ps = nil
 		return fmt.Errorf("pre-copy round %d: page server: %w", in.round, err)
 	}

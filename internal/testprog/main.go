@@ -3,10 +3,11 @@
 //	testprog counter [interval]      print 1, 2, 3, ... one per line
 //	testprog openfile PATH           hold PATH open, then count like counter
 //	testprog hog SIZE                fill SIZE bytes (e.g. 64M) of memory, print READY, idle
-//	testprog dirty SIZE RATE         fill SIZE bytes, print READY, then rewrite RATE bytes
-//	                                 a second (random pages, each with its own generation)
-//	                                 and check every page once a second: "OK n" (n pages
-//	                                 rewritten so far) or "CORRUPT page i", which exits
+//	testprog dirty SIZE RATE [HOT]   fill SIZE bytes, print READY, then rewrite RATE bytes
+//	                                 a second (random pages of the first HOT bytes, default
+//	                                 all, each page with its own generation) and check every
+//	                                 page once a second: "OK n" (n pages rewritten so far)
+//	                                 or "CORRUPT page i", which exits
 //	testprog echo                    echo every TCP connection's bytes back; print "PORT n"
 //	testprog complex DIR             a tree with threads, a pipe to a child, an open
 //	                                 file in DIR, a zombie and a listening TCP socket
@@ -75,7 +76,11 @@ func main() {
 	case "hog":
 		hog(os.Args[2])
 	case "dirty":
-		dirty(parseSize(os.Args[2]), parseSize(os.Args[3]))
+		hot := parseSize(os.Args[2])
+		if len(os.Args) > 4 {
+			hot = min(parseSize(os.Args[4]), hot)
+		}
+		dirty(parseSize(os.Args[2]), parseSize(os.Args[3]), hot)
 	case "pipe-reader":
 		pipeReader()
 	case "exit0":
@@ -253,9 +258,10 @@ func hog(size string) {
 // dirty keeps rewriting random pages of its memory, each page filled from its index
 // and its own generation, and checks them all once a second: a migration that
 // loses or mixes up a page round shows as CORRUPT.
-func dirty(size, rate int64) {
+func dirty(size, rate, hot int64) {
 	const page = 4096
 	pages := int(size / page)
+	hotPages := max(int(hot/page), 1)
 	buf := make([]byte, pages*page)
 	gen := make([]uint32, pages)
 	word := func(i, j int) uint32 { return uint32(i)*2654435761 ^ gen[i]<<20 ^ uint32(j) }
@@ -290,7 +296,7 @@ func dirty(size, rate int64) {
 	last := time.Now()
 	for range time.Tick(tick) {
 		for k := 0; k < perTick; k++ {
-			i := rng.IntN(pages)
+			i := rng.IntN(hotPages)
 			gen[i]++
 			fill(i)
 			rewritten++
