@@ -392,8 +392,12 @@ func TestMigratePreCopy(t *testing.T) {
 		b, _ := os.ReadFile(rec.Stdout)
 		return strings.Contains(string(b), "OK")
 	})
+	// Through the agents' mutual-TLS protocol: every round opens a page channel.
+	ca, cb, _ := certs(t)
+	dst := migrate.NewClient(serve(t, p, cb), tlsConf(t, ca))
+	defer dst.Close()
 	var phases, messages []string
-	res, err := p.src.Migrate(context.Background(), p.dst, migrate.Request{Workload: "dirty", To: "b", Strategy: migrate.PreCopy},
+	res, err := p.src.Migrate(context.Background(), dst, migrate.Request{Workload: "dirty", To: "b", Strategy: migrate.PreCopy},
 		func(pr migrate.Progress) {
 			if len(phases) == 0 || phases[len(phases)-1] != pr.Phase {
 				phases = append(phases, pr.Phase)

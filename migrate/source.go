@@ -463,7 +463,8 @@ func (s *Source) precopy(ctx context.Context, dst Destination, name string, res 
 			return "", fmt.Errorf("pre-copy round %d: %w", n, err)
 		}
 		before := res.PageBytes
-		stop := tunnel.tick(func(b int64) { progress(before+b, fmt.Sprintf("round %d", n)) })
+		progress(before, fmt.Sprintf("round %d", n))
+		stop := tunnel.tick(func(b int64) { progress(before+b, "") })
 		st, err := pd.PreDump(ctx, name, workload.PreDumpOptions{Dir: roundDir, ParentDir: parent, PageServerConn: criuEnd})
 		criuEnd.Close()
 		terr := tunnel.wait(10 * time.Second)
