@@ -12,6 +12,7 @@ import (
 	criu "github.com/checkpoint-restore/go-criu/v7"
 	"github.com/checkpoint-restore/go-criu/v7/rpc"
 	"github.com/checkpoint-restore/go-criu/v7/stats"
+	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -294,14 +295,57 @@ func (e *Engine) PreDump(ctx context.Context, o DumpOptions) (*DumpStats, error)
 	return e.dump(ctx, o, true)
 }
 
-// dumpMu serialises the freezing part of dumps in this process. CRIU's parasite
-// reaches /proc from inside the dumped task through a directory of a fixed name;
-// two trees that share a mount namespace and are dumped at once collide on it
-// ("pie: Can't create a directory (-17)"). A lazy dump releases it once it serves
-// pages.
-var dumpMu sync.Mutex
+// dumpMu serialises the freezing part of dumps on this host, across processes.
+// CRIU's parasite reaches /proc from inside a dumped task that has a PID namespace
+// of its own through a directory of a fixed name, "proc.crtools", made in the
+// task's working directory; two trees with the same working directory (/ by
+// default) dumped at once collide on it ("pie: Can't create a directory (-17)").
+// Several duplexd (the test harness's hosts) or test binaries share one mount
+// namespace, so an in-process mutex is not enough: a lock file joins it. A lazy
+// dump releases it once it serves pages.
+var dumpMu = &hostLock{path: "/run/lock/duplex-criu-dump.lock"}
+
+// hostLock is a mutex held across the processes of a host (flock on path); if
+// the lock file cannot be used, it still serialises this process.
+type hostLock struct {
+	mu   sync.Mutex
+	path string
+	f    *os.File
+}
+
+func (l *hostLock) Lock() {
+	l.mu.Lock()
+	if err := os.MkdirAll(filepath.Dir(l.path), 0o755); err != nil {
+		return
+	}
+	f, err := os.OpenFile(l.path, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return
+	}
+	for {
+		err = unix.Flock(int(f.Fd()), unix.LOCK_EX)
+		if err != unix.EINTR {
+			break
+		}
+	}
+	if err != nil {
+		f.Close()
+		return
+	}
+	l.f = f
+}
+
+func (l *hostLock) Unlock() {
+	if l.f != nil {
+		_ = unix.Flock(int(l.f.Fd()), unix.LOCK_UN)
+		l.f.Close()
+		l.f = nil
+	}
+	l.mu.Unlock()
+}
 
 func (e *Engine) dump(ctx context.Context, o DumpOptions, pre bool) (*DumpStats, error) {
+	e.warmKerndat()
 	op, logName := "dump", DumpLog
 	if pre {
 		op, logName = "pre-dump", PreDumpLog
@@ -363,6 +407,7 @@ func finishDump(o DumpOptions, logName string, wall time.Duration) *DumpStats {
 // is in the result. On failure the error is a *CRIUError; when a file the tree had
 // open is missing here it also matches ErrMissingFile.
 func (e *Engine) Restore(ctx context.Context, o RestoreOptions) (*RestoreResult, error) {
+	e.warmKerndat()
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}

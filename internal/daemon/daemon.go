@@ -138,6 +138,11 @@ func Run(ctx context.Context, cfg Config, log *logrus.Entry) error {
 	defer lock.Close()
 
 	eng := checkpoint.New(cfg.CRIU)
+	// Every dump, restore and lazy-pages daemon of a migration would otherwise probe
+	// the kernel again, inside the downtime.
+	if err := eng.EnsureKerndatCache(); err != nil {
+		log.WithError(err).Warn("CRIU's kernel-feature cache is unavailable; each CRIU start probes the kernel (~30 ms)")
+	}
 	nf, err := netfail.New("")
 	if err != nil {
 		return fmt.Errorf("service addresses: %w", err)
