@@ -148,8 +148,17 @@ func servePages(w http.ResponseWriter, r *http.Request, t *Target) {
 		return
 	}
 	done := make(chan struct{})
-	go func() { // source -> page server (bytes the client sent early sit in brw)
-		_, _ = io.CopyBuffer(channel, brw, make([]byte, copyBuffer))
+	go func() { // source -> page server
+		// Bytes the client sent early sit in brw; the rest is read straight from the
+		// connection: through brw's 4 KiB buffer every TLS record would cost four
+		// reads and four writes.
+		if n := brw.Reader.Buffered(); n > 0 {
+			b, _ := brw.Reader.Peek(n)
+			if _, err := channel.Write(b); err != nil {
+				conn.Close()
+			}
+		}
+		_, _ = io.CopyBuffer(channel, struct{ io.Reader }{conn}, make([]byte, copyBuffer))
 		if cw, ok := channel.(interface{ CloseWrite() error }); ok {
 			_ = cw.CloseWrite()
 		}
