@@ -7,6 +7,7 @@ import (
 	"os"
 	"regexp"
 	"strings"
+	"time"
 )
 
 // ErrNotSupported is returned when this kernel or CRIU lacks a feature an
@@ -158,4 +159,26 @@ func matchMissing(line string) *MissingFileError {
 func criuError(op string, err error, logPath string) error {
 	lines, missing := explainLog(logPath)
 	return &CRIUError{Op: op, Err: err, LogPath: logPath, Lines: lines, Missing: missing}
+}
+
+// SeizeOffset reads a CRIU log for the moment CRIU seized (stopped) the first task
+// of the tree, as time since CRIU started logging. Before it the tree still runs:
+// CRIU first probes the kernel and reads the tree. ok is false when the log has no
+// such line (yet).
+func SeizeOffset(logPath string) (d time.Duration, ok bool) {
+	b, err := os.ReadFile(logPath)
+	if err != nil {
+		return 0, false
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if !strings.Contains(l, "Seized task ") {
+			continue
+		}
+		var sec, usec int64
+		if _, err := fmt.Sscanf(l, "(%d.%d)", &sec, &usec); err != nil {
+			return 0, false
+		}
+		return time.Duration(sec)*time.Second + time.Duration(usec)*time.Microsecond, true
+	}
+	return 0, false
 }

@@ -370,6 +370,12 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 		}
 		return rollback(err)
 	}
+	// The tree stopped when CRIU seized it, after CRIU had started and probed the
+	// kernel; CRIU's log says when, counted from its start, which came after
+	// freeze: so this never counts less than the real downtime.
+	if off, ok := checkpoint.SeizeOffset(filepath.Join(dir, checkpoint.DumpLog)); ok && off < time.Since(freeze) {
+		freeze = freeze.Add(off)
+	}
 	res.DowntimeMS = ms(time.Since(freeze))
 	res.RestoreMS = rr.RestoreWallMS
 	res.VIPAddMS = rr.VIPAddMS
