@@ -46,7 +46,11 @@ func (e *Engine) dumpCommand(ctx context.Context, o DumpOptions, op, logName str
 	flag(o.LeaveRunning, "--leave-running")
 	flag(o.LeaveStopped, "--leave-stopped")
 	flag(o.TCPEstablished, "--tcp-established")
-	flag(o.ManageCgroups, "--manage-cgroups")
+	if o.ManageCgroups {
+		args = append(args, "--manage-cgroups")
+	} else {
+		args = append(args, "--manage-cgroups=ignore") // without the option CRIU dumps them (soft)
+	}
 	flag(o.TrackMem, "--track-mem")
 	flag(o.FileLocks, "--file-locks")
 	flag(o.ExtUnixSk, "--ext-unix-sk")

@@ -168,6 +168,12 @@ type RestoreOptions struct {
 	ShellJob       bool
 	// LazyPages restores without memory; a lazy-pages daemon for ImagesDir must run.
 	LazyPages bool
+	// Place, when set (and ManageCgroups is not), puts the CRIU process that will
+	// restore into the cgroups the tree belongs in, before the restore starts: the
+	// tree forks from it and stays there, and its memory is charged there from the
+	// first page. It is cheaper than CRIU's cgroup management, which mounts every
+	// cgroup hierarchy on each restore.
+	Place func(criuPid int) error
 
 	LogLevel int
 	Notify   Notify
@@ -176,6 +182,8 @@ type RestoreOptions struct {
 // RestoreResult is a successful restore.
 type RestoreResult struct {
 	Pid          int // host PID of the restored root; it is the caller's child
+	// Placed tells that RestoreOptions.Place put the tree in its cgroups.
+	Placed bool
 	ForkingTime  time.Duration
 	RestoreTime  time.Duration
 	PagesRestore uint64
@@ -204,6 +212,9 @@ func (o *DumpOptions) rpcOpts(logFile string) (*rpc.CriuOpts, error) {
 		ExtUnixSk:      proto.Bool(o.ExtUnixSk),
 		ShellJob:       proto.Bool(o.ShellJob),
 		NetworkLock:    o.NetworkLock.rpc(),
+	}
+	if !o.ManageCgroups {
+		opts.ManageCgroupsMode = rpc.CriuCgMode_IGNORE.Enum()
 	}
 	if o.GhostLimit > 0 {
 		opts.GhostLimit = proto.Uint32(o.GhostLimit)
@@ -430,6 +441,8 @@ func (e *Engine) Restore(ctx context.Context, o RestoreOptions) (*RestoreResult,
 	}
 	if o.ManageCgroups {
 		opts.ManageCgroupsMode = rpc.CriuCgMode_SOFT.Enum()
+	} else {
+		opts.ManageCgroupsMode = rpc.CriuCgMode_IGNORE.Enum()
 	}
 	n := &pidNotify{Notify: o.Notify}
 	if n.Notify == nil {
@@ -438,6 +451,16 @@ func (e *Engine) Restore(ctx context.Context, o RestoreOptions) (*RestoreResult,
 	s, err := e.session()
 	if err != nil {
 		return nil, fmt.Errorf("restore from %s: %w", o.ImagesDir, err)
+	}
+	placed := false
+	if o.Place != nil && !o.ManageCgroups && s.pid > 0 {
+		// (A CRIU process that could not be told apart is not placed; the caller
+		// moves the restored tree instead, see RestoreResult.Placed.)
+		if err := o.Place(s.pid); err != nil {
+			_ = s.c.Cleanup()
+			return nil, fmt.Errorf("restore from %s: place CRIU in the workload's cgroups: %w", o.ImagesDir, err)
+		}
+		placed = true
 	}
 	start := time.Now()
 	err = s.do(ctx, o.ImagesDir, func(c *criu.Criu) error { return c.Restore(opts, n) })
@@ -451,7 +474,7 @@ func (e *Engine) Restore(ctx context.Context, o RestoreOptions) (*RestoreResult,
 	if n.pid <= 0 {
 		return nil, fmt.Errorf("restore from %s: criu reported no pid", o.ImagesDir)
 	}
-	res := &RestoreResult{Pid: n.pid, Wall: wall}
+	res := &RestoreResult{Pid: n.pid, Wall: wall, Placed: placed}
 	if st, err := readRestoreStats(o.ImagesDir); err == nil {
 		res.ForkingTime = st.ForkingTime
 		res.RestoreTime = st.RestoreTime

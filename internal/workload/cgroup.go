@@ -71,6 +71,16 @@ func (d *cgroupDriver) create(path string, memLimit, sockLimit int64) error {
 	return nil
 }
 
+// exists reports whether the workload's cgroup is there already.
+func (d *cgroupDriver) exists(path string) bool {
+	dir := filepath.Join(d.v2Mount, path)
+	if d.v1 {
+		dir = filepath.Join("/sys/fs/cgroup/memory", path)
+	}
+	_, err := os.Stat(dir)
+	return err == nil
+}
+
 // add moves a process into the workload's cgroups.
 func (d *cgroupDriver) add(path string, pid int) error {
 	if d.v1 {

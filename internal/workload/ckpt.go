@@ -99,7 +99,6 @@ func (m *Manager) PreDump(ctx context.Context, name string, opts PreDumpOptions)
 		Pid:            pid,
 		ImagesDir:      dir,
 		ParentDir:      opts.ParentDir,
-		ManageCgroups:  true,
 		FileLocks:      true,
 		PageServerConn: opts.PageServerConn,
 	})
@@ -167,7 +166,6 @@ func (m *Manager) Checkpoint(ctx context.Context, name string, opts CheckpointOp
 		LeaveStopped:   opts.LeaveStopped,
 		TCPEstablished: opts.TCPEstablished,
 		NetworkLock:    opts.NetworkLock,
-		ManageCgroups:  true,
 		FileLocks:      true,
 		PageServer:     opts.PageServer,
 		TLS:            opts.TLS,
@@ -344,17 +342,44 @@ func (m *Manager) Restore(ctx context.Context, opts RestoreOptions) (Record, *ch
 	if meta.NetworkLock == "nftables" {
 		lock = checkpoint.LockNFTables
 	}
+	// The tree's cgroups are this host's, made here with the workload's limits;
+	// CRIU restores it from inside them (cheaper than CRIU's cgroup management,
+	// and the host's cgroup parent may differ from the source's).
+	rec.Cgroup = m.cgroupPath(rec.Name)
+	madeCgroup := !m.cg.exists(rec.Cgroup)
+	if err := m.cg.create(rec.Cgroup, rec.MemoryLimit, rec.SocketMemoryLimit); err != nil {
+		undo()
+		return Record{}, nil, fmt.Errorf("restore %s: %w", rec.Name, err)
+	}
 	res, err := m.cfg.Checkpointer.Restore(ctx, checkpoint.RestoreOptions{
 		ImagesDir:      dir,
 		TCPEstablished: meta.TCPEstablished,
 		NetworkLock:    lock,
-		ManageCgroups:  true,
 		FileLocks:      true,
 		LazyPages:      opts.LazyPages,
+		Place:          func(pid int) error { return m.cg.add(rec.Cgroup, pid) },
 	})
 	if err != nil {
+		if madeCgroup {
+			_ = m.cg.remove(rec.Cgroup)
+		}
 		undo()
 		return Record{}, nil, fmt.Errorf("restore %s: %w", rec.Name, err)
+	}
+	if !res.Placed {
+		// CRIU restored from outside the cgroup: move the tree (its memory so far
+		// stays charged where it was).
+		pids, err := checkpoint.TreePids(res.Pid)
+		if err == nil {
+			for _, p := range pids {
+				if err = m.cg.add(rec.Cgroup, p); err != nil {
+					break
+				}
+			}
+		}
+		if err != nil {
+			m.log.WithError(err).WithField("workload", rec.Name).Warn("moving the restored tree into its cgroup")
+		}
 	}
 	fd, err := unix.PidfdOpen(res.Pid, 0)
 	var tick uint64

@@ -208,3 +208,46 @@ func TestCheckpointBadInput(t *testing.T) {
 		t.Errorf("restore from empty dir: %v, want ErrInvalid", err)
 	}
 }
+
+// A restore on another host lands in that host's cgroup for the workload, made
+// there with the workload's memory limit, not in the source's cgroup path.
+func TestRestoreIntoThisHostsCgroup(t *testing.T) {
+	eng := testutil.RequiresCRIU(t)
+	prog := testutil.Build(t, "./internal/testprog")
+	src := newManager(t, t.TempDir(), testutil.CgroupParent(t), eng)
+	dstParent := testutil.CgroupParent(t)
+	dst := newManager(t, t.TempDir(), dstParent, eng)
+	stopAll(t, src)
+	stopAll(t, dst)
+	ctx := context.Background()
+	rec, err := src.Run(ctx, workload.Spec{Name: "capped", Args: []string{prog, "counter"}, MemoryLimit: 96 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, 5*time.Second, "counter output", func() bool { return lastCount(t, rec.Stdout) >= 5 })
+	dir := t.TempDir()
+	if _, err := src.Checkpoint(ctx, "capped", workload.CheckpointOptions{Dir: dir}); err != nil {
+		t.Fatal(err)
+	}
+	restored, res, err := dst.Restore(ctx, workload.RestoreOptions{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "/" + filepath.Join(dstParent, "capped")
+	if restored.Cgroup != want {
+		t.Errorf("restored record's cgroup %s, want %s", restored.Cgroup, want)
+	}
+	if _, err := os.Stat("/sys/fs/cgroup/memory"); err != nil {
+		return // no v1 memory hierarchy to look at (a unified host)
+	}
+	cg, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", res.Pid))
+	if !strings.Contains(string(cg), ":memory:"+want+"\n") {
+		t.Errorf("restored tree's cgroups:\n%s\nwant memory:%s", cg, want)
+	}
+	limit, _ := os.ReadFile(filepath.Join("/sys/fs/cgroup/memory", want, "memory.limit_in_bytes"))
+	if strings.TrimSpace(string(limit)) != fmt.Sprint(96<<20) {
+		t.Errorf("memory limit there %q, want %d", limit, 96<<20)
+	}
+	n := lastCount(t, rec.Stdout)
+	testutil.Eventually(t, 5*time.Second, "counter to go on", func() bool { return lastCount(t, rec.Stdout) > n+3 })
+}
