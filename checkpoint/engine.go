@@ -181,9 +181,9 @@ type RestoreOptions struct {
 
 // RestoreResult is a successful restore.
 type RestoreResult struct {
-	Pid          int // host PID of the restored root; it is the caller's child
+	Pid int // host PID of the restored root; it is the caller's child
 	// Placed tells that RestoreOptions.Place put the tree in its cgroups.
-	Placed bool
+	Placed       bool
 	ForkingTime  time.Duration
 	RestoreTime  time.Duration
 	PagesRestore uint64
