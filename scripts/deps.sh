@@ -44,6 +44,8 @@ export LC_ALL=C
 log() { echo "deps: $*"; }
 warn() { echo "deps: WARNING: $*" >&2; }
 die() { echo "deps: ERROR: $*" >&2; exit 1; }
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Everything temporary is registered here and removed on exit, whatever happens.
 # Smoke-test processes are killed only while their command line is still ours.
@@ -78,22 +80,6 @@ fi
 # ======================================================================================
 # 1. Debian packages
 # ======================================================================================
-install_debs() {
-	local p missing=()
-	for p in $DEB_PACKAGES; do
-		dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null | grep -q '^ii' || missing+=("$p")
-	done
-	if [ ${#missing[@]} -eq 0 ]; then
-		log "Debian packages present: $DEB_PACKAGES"
-		return
-	fi
-	log "installing Debian packages: ${missing[*]}"
-	apt-get -qq -o DPkg::Lock::Timeout=300 update
-	apt-get -y -qq -o DPkg::Lock::Timeout=300 install --no-install-recommends "${missing[@]}" >/dev/null
-	for p in "${missing[@]}"; do
-		dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null | grep -q '^ii' || die "package $p did not install"
-	done
-}
 
 # ======================================================================================
 # 2. CRIU
@@ -459,7 +445,7 @@ install_go_tools() {
 	:
 }
 
-install_debs
+install_packages "duplex" $DEB_PACKAGES
 install_criu
 install_go_tools
 DUPLEX_LIB_DIR=$DUPLEX_LIB_DIR bash "$(dirname "${BASH_SOURCE[0]}")/vm-deps.sh" # VM guest for internal/vmtest

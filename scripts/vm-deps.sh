@@ -56,6 +56,8 @@ export LC_ALL=C
 log() { echo "deps: $*"; }
 warn() { echo "deps: WARNING: $*" >&2; }
 die() { echo "deps: ERROR: $*" >&2; exit 1; }
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 TMP_DIRS=()
 cleanup() {
@@ -78,22 +80,6 @@ fi
 # ======================================================================================
 # 1. Debian packages
 # ======================================================================================
-install_vm_debs() {
-	local p missing=()
-	for p in $VM_DEB_PACKAGES; do
-		dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null | grep -q '^ii' || missing+=("$p")
-	done
-	if [ ${#missing[@]} -eq 0 ]; then
-		log "VM packages present: $VM_DEB_PACKAGES"
-		return
-	fi
-	log "installing Debian packages for VM tests: ${missing[*]}"
-	apt-get -qq -o DPkg::Lock::Timeout=300 update
-	apt-get -y -qq -o DPkg::Lock::Timeout=300 install --no-install-recommends "${missing[@]}" >/dev/null
-	for p in "${missing[@]}"; do
-		dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null | grep -q '^ii' || die "package $p did not install"
-	done
-}
 
 # ======================================================================================
 # 2. Guest kernel
@@ -226,5 +212,5 @@ EOF
 	log "VM guest kernel $rel ($(stamp_get version)) in $VM_DIR with ${#order[@]} modules"
 }
 
-install_vm_debs
+install_packages "VM tests" $VM_DEB_PACKAGES
 install_vm_kernel
