@@ -202,6 +202,9 @@ func (a *app) printResult(r *migrate.Result) {
 	fmt.Fprintf(tw, "%s\t%.1f ms\t%.1f ms\t%s\t%.1f ms\n", r.Strategy, r.FrozenMS, r.DowntimeMS,
 		units.BytesSize(float64(r.PageBytes+r.ImageBytes)), r.TotalMS)
 	_ = tw.Flush()
+	if r.LazyRestore && r.Strategy != migrate.PostCopy {
+		fmt.Fprintf(a.stdout, "  the copy ran on %s while its memory was filled in there from the images that had arrived\n", r.To)
+	}
 	for i, rd := range r.Rounds {
 		fmt.Fprintf(a.stdout, "  pre-copy round %d: %d pages, %s in %.1f ms (workload stopped %.1f ms)\n", i+1, rd.Pages,
 			units.BytesSize(float64(rd.Bytes)), rd.MS, rd.FrozenMS)
