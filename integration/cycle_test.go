@@ -3,7 +3,6 @@ package integration
 import (
 	"context"
 	"encoding/json"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -79,22 +78,10 @@ func wholeCycle(t *testing.T, mode cluster.Mode) {
 	// h1's workloads: an echo service on a VIP with a streaming client, a counter,
 	// a sleeper, and a pinned host agent that will leak.
 	vip := c.VIP(0)
-	echo := testutil.Build(t, "./integration/harness/echoserver")
-	copyFile(t, echo, filepath.Join(h1.Dir, "echoserver"))
-	must(t, h1, "run", "echo", "--vip", vip.String()+"@eth0", "--env", "GODEBUG=multipathtcp=0", "--",
-		filepath.Join(h1.Dir, "echoserver"), "-listen", netip.AddrPortFrom(vip.Addr(), 9000).String())
+	runEcho(t, h1, vip, 10*time.Second)
 	must(t, h1, "run", "counter", "--", "sh", "-c", "i=0; while :; do i=$((i+1)); echo $i; sleep 0.05; done")
 	must(t, h1, "run", "sleeper", "--", "sleep", "3600")
-	testutil.Eventually(t, 10*time.Second, "the echo server to listen", func() bool {
-		return strings.Contains(must(t, h1, "logs", "echo"), "LISTENING")
-	})
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	s, err := harness.StartStream(ctx, client, netip.AddrPortFrom(vip.Addr(), 9000), 256<<10, 4096)
-	if err != nil {
-		t.Fatal(err)
-	}
-	testutil.Eventually(t, 10*time.Second, "stream traffic", func() bool { return s.Stats().BytesVerified > 64<<10 })
+	s := streamTo(t, client, vip, 256<<10, 4096, 64<<10)
 	// A target is expected to be stable before the leak starts.
 	testutil.Eventually(t, 20*time.Second, "every host reporting stable", func() bool {
 		for _, hv := range clusterView(t, h0).Hosts {

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -182,20 +181,8 @@ func keepsClientConnection(t *testing.T, strategy string) {
 	c, d := twoHosts(t)
 	h0, h1, client := d.Hosts[0], d.Hosts[1], c.Clients[0]
 	vip := c.VIP(0)
-	echo := testutil.Build(t, "./integration/harness/echoserver")
-	copyFile(t, echo, filepath.Join(h0.Dir, "echoserver"))
-	must(t, h0, "run", "echo", "--vip", vip.String()+"@eth0", "--env", "GODEBUG=multipathtcp=0", "--",
-		filepath.Join(h0.Dir, "echoserver"), "-listen", netip.AddrPortFrom(vip.Addr(), 9000).String())
-	testutil.Eventually(t, 10*time.Second, "the echo server to listen", func() bool {
-		return strings.Contains(must(t, h0, "logs", "echo"), "LISTENING")
-	})
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	s, err := harness.StartStream(ctx, client, netip.AddrPortFrom(vip.Addr(), 9000), 256<<10, 4096)
-	if err != nil {
-		t.Fatal(err)
-	}
-	testutil.Eventually(t, 10*time.Second, "stream traffic", func() bool { return s.Stats().BytesVerified > 64<<10 })
+	runEcho(t, h0, vip, 10*time.Second)
+	s := streamTo(t, client, vip, 256<<10, 4096, 64<<10)
 	if mac := neighbourMAC(t, client, vip.Addr()); mac != h0.Node.MAC.String() {
 		t.Fatalf("client resolves the VIP to %s before migration, want h0's %s", mac, h0.Node.MAC)
 	}
@@ -299,19 +286,9 @@ func TestDestinationKilledMidway(t *testing.T) {
 	c, d := twoHosts(t)
 	h0, h1, client := d.Hosts[0], d.Hosts[1], c.Clients[0]
 	vip := c.VIP(1)
-	echo := filepath.Join(h0.Dir, "echoserver")
-	copyFile(t, testutil.Build(t, "./integration/harness/echoserver"), echo)
-	must(t, h0, "run", "echo", "--vip", vip.String()+"@eth0", "--env", "GODEBUG=multipathtcp=0", "--",
-		echo, "-listen", netip.AddrPortFrom(vip.Addr(), 9000).String(), "-ballast", "768")
-	testutil.Eventually(t, 60*time.Second, "the echo server to listen", func() bool {
-		return strings.Contains(must(t, h0, "logs", "echo"), "LISTENING")
-	})
+	runEcho(t, h0, vip, 60*time.Second, "-ballast", "768")
 	before, _ := recordOn(t, h0, "echo")
-	s, err := harness.StartStream(context.Background(), client, netip.AddrPortFrom(vip.Addr(), 9000), 128<<10, 1024)
-	if err != nil {
-		t.Fatal(err)
-	}
-	testutil.Eventually(t, 10*time.Second, "stream traffic", func() bool { return s.Stats().BytesVerified > 32<<10 })
+	s := streamTo(t, client, vip, 128<<10, 1024, 32<<10)
 
 	done := make(chan error, 1)
 	go func() {
@@ -323,6 +300,7 @@ func TestDestinationKilledMidway(t *testing.T) {
 	if err := h1.Proc.Stop(syscall.SIGKILL, 5*time.Second); err != nil {
 		t.Fatal(err)
 	}
+	var err error
 	select {
 	case err = <-done:
 	case <-time.After(2 * time.Minute):
@@ -358,13 +336,7 @@ func TestRestoreFailsOnDestination(t *testing.T) {
 	c, d := twoHosts(t)
 	h0, h1, client := d.Hosts[0], d.Hosts[1], c.Clients[0]
 	vip := c.VIP(0)
-	echo := filepath.Join(h0.Dir, "echoserver")
-	copyFile(t, testutil.Build(t, "./integration/harness/echoserver"), echo)
-	must(t, h0, "run", "echo", "--vip", vip.String()+"@eth0", "--env", "GODEBUG=multipathtcp=0", "--",
-		echo, "-listen", netip.AddrPortFrom(vip.Addr(), 9000).String())
-	testutil.Eventually(t, 10*time.Second, "the echo server to listen", func() bool {
-		return strings.Contains(must(t, h0, "logs", "echo"), "LISTENING")
-	})
+	echo := runEcho(t, h0, vip, 10*time.Second)
 	// Something else on h1 listens on every address's port 9000.
 	blocker, err := c.Start(h1.Node, echo, "-listen", "0.0.0.0:9000")
 	if err != nil {
@@ -376,11 +348,7 @@ func TestRestoreFailsOnDestination(t *testing.T) {
 		t.Fatal(err)
 	}
 	before, _ := recordOn(t, h0, "echo")
-	s, err := harness.StartStream(context.Background(), client, netip.AddrPortFrom(vip.Addr(), 9000), 128<<10, 1024)
-	if err != nil {
-		t.Fatal(err)
-	}
-	testutil.Eventually(t, 10*time.Second, "stream traffic", func() bool { return s.Stats().BytesVerified > 32<<10 })
+	s := streamTo(t, client, vip, 128<<10, 1024, 32<<10)
 
 	_, err = h0.Ctl(context.Background(), "migrate", "echo", "--to", "h1", "--strategy", "stopcopy")
 	if err == nil || !strings.Contains(err.Error(), "rolled back") || !strings.Contains(err.Error(), "restore failed") {
