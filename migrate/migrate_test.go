@@ -178,6 +178,14 @@ type faulty struct {
 	failImages    bool
 	loseAnswer    bool // restore happens, its answer is "lost"
 	failAbort     bool
+	failCommit    bool // the commit's answer is lost
+}
+
+func (f *faulty) Commit(ctx context.Context, id string) error {
+	if f.failCommit {
+		return errors.New("read: connection reset by peer")
+	}
+	return f.Destination.Commit(ctx, id)
 }
 
 func (f *faulty) SendImages(ctx context.Context, id string, r io.Reader) (migrate.Received, error) {
@@ -234,6 +242,38 @@ func TestRollbackWhenRestoreFails(t *testing.T) {
 	}
 	if p.liveCopies("holder") != 1 {
 		t.Errorf("%d live copies", p.liveCopies("holder"))
+	}
+}
+
+// With a lazy restore the copy runs on b before b confirms every page: if that
+// confirmation never comes, b's copy is cancelled and a resumes; if b cannot be
+// reached to cancel it either, a stays frozen. Never two live copies.
+func TestLazyRestoreUnconfirmed(t *testing.T) {
+	p := newPair(t)
+	testutil.RequiresCRIU(t, checkpoint.FeatureUFFDNonCoop)
+	rec := p.run(t, "counter", "counter")
+	growing(t, rec.Stdout, "counting on a")
+	_, err := p.src.Migrate(context.Background(), &faulty{Destination: p.dst, failCommit: true}, migrate.Request{Workload: "counter", To: "b", Strategy: migrate.StopCopy}, nil)
+	if err == nil || !strings.Contains(err.Error(), "rolled back") {
+		t.Fatalf("migrate: %v, want a rollback", err)
+	}
+	if a, _ := p.a.Get("counter"); a.State != workload.Running || a.Pid != rec.Pid || p.liveCopies("counter") != 1 {
+		t.Fatalf("a is %s (pid %d, was %d), %d live copies", a.State, a.Pid, rec.Pid, p.liveCopies("counter"))
+	}
+	if b, err := p.b.Get("counter"); err == nil && (b.State == workload.Running || b.State == workload.Frozen) {
+		t.Errorf("b kept its copy: %s", b.State)
+	}
+	growing(t, rec.Stdout, "counting on a after the rollback")
+
+	_, err = p.src.Migrate(context.Background(), &faulty{Destination: p.dst, failCommit: true, failAbort: true}, migrate.Request{Workload: "counter", To: "b", Strategy: migrate.StopCopy}, nil)
+	if !errors.Is(err, migrate.ErrOutcomeUnknown) {
+		t.Fatalf("migrate: %v, want ErrOutcomeUnknown", err)
+	}
+	if a, _ := p.a.Get("counter"); a.State != workload.Frozen {
+		t.Errorf("source is %s, want frozen", a.State)
+	}
+	if n := p.liveCopies("counter"); n != 1 {
+		t.Errorf("%d live copies, want exactly b's", n)
 	}
 }
 

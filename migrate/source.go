@@ -393,7 +393,11 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 		if r.err == nil {
 			// Every page left; the destination says whether every page arrived.
 			report(PhaseCommit, res.PageBytes+res.ImageBytes, "")
-			r.err = dst.Commit(context.WithoutCancel(ctx), res.ID)
+			if err := dst.Commit(context.WithoutCancel(ctx), res.ID); err != nil {
+				// The tree is frozen here; the copy there may run.
+				return s.cancelOrHold(ctx, dst, rec, req, res.ID, rollback,
+					fmt.Errorf("post-copy: the destination did not confirm every page (its copy is stopped; its clients' connections may have been reset): %w", err))
+			}
 		}
 		if r.err != nil {
 			// The copy there lacks pages: the destination stops it, ours resumes.
@@ -412,8 +416,8 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 		// holds. Until every page is in place the frozen source stays the complete copy.
 		report(PhasePages, res.PageBytes+res.ImageBytes, "the workload runs on "+req.To+"; its memory fills in there")
 		if err := dst.Commit(context.WithoutCancel(ctx), res.ID); err != nil {
-			_ = abortWithRetry(context.WithoutCancel(ctx), dst, res.ID)
-			return rollback(fmt.Errorf("filling in the memory failed after the copy started on %s (stopped there; its clients' connections may have been reset): %w", req.To, err))
+			return s.cancelOrHold(ctx, dst, rec, req, res.ID, rollback,
+				fmt.Errorf("filling in the memory failed after the copy started on %s (stopped there; its clients' connections may have been reset): %w", req.To, err))
 		}
 		report(PhaseCommit, res.PageBytes+res.ImageBytes, "")
 		if _, err := s.Workloads.Discard(rec.Name, req.To); err != nil {
@@ -490,6 +494,20 @@ func (s *Source) precopy(ctx context.Context, dst Destination, name string, res 
 		s.log().WithFields(logrus.Fields{"workload": name, "round": n, "pages": r.Pages, "bytes": r.Bytes, "ms": r.MS}).Info("pre-copy round")
 	}
 	return parent, nil
+}
+
+// cancelOrHold ends a migration whose copy already ran on the destination but did
+// not commit, while the source is frozen: once the destination confirms it stopped
+// its copy, the source resumes (rollback); if it cannot be reached, the source
+// stays frozen and the error matches ErrOutcomeUnknown: never two live copies.
+func (s *Source) cancelOrHold(ctx context.Context, dst Destination, rec workload.Record, req Request, id string,
+	rollback func(error) (*Result, error), cause error) (*Result, error) {
+	if err := abortWithRetry(context.WithoutCancel(ctx), dst, id); err != nil {
+		s.log().WithError(cause).WithField("workload", rec.Name).Error("migration outcome unknown; workload left frozen on the source")
+		return nil, fmt.Errorf("migrate %s: %w: %w; cancel on %s: %w; the workload stays frozen on %s until resolved",
+			rec.Name, ErrOutcomeUnknown, cause, req.To, err, s.Host)
+	}
+	return rollback(cause)
 }
 
 type dumpResult struct {

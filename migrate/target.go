@@ -216,6 +216,9 @@ func (t *Target) nextRound(ctx context.Context, in *incoming) error {
 	if in.round >= MaxPrecopyRounds {
 		return fmt.Errorf("pre-copy: more than %d rounds", MaxPrecopyRounds)
 	}
+	if in.ps == nil {
+		return fmt.Errorf("pre-copy round %d failed before", in.round)
+	}
 	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	err := in.ps.Wait(wctx)
 	cancel()
@@ -347,6 +350,9 @@ func (t *Target) Restore(ctx context.Context, id string) (RestoreResponse, error
 		in.lazy = lp
 	} else {
 		// The page server ends when the dump closes its connection.
+		if in.ps == nil {
+			return RestoreResponse{}, fmt.Errorf("%w: %s: no page server received the memory", ErrRestoreFailed, id)
+		}
 		wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		err = in.ps.Wait(wctx)
 		cancel()
