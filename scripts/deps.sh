@@ -41,9 +41,6 @@ CRIU_FALLBACK_PACKAGES="criu libcompel1 libc6 libnet9 libprotobuf-c1 libnftables
 export DEBIAN_FRONTEND=noninteractive
 export LC_ALL=C
 
-log() { echo "deps: $*"; }
-warn() { echo "deps: WARNING: $*" >&2; }
-die() { echo "deps: ERROR: $*" >&2; exit 1; }
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 

@@ -1,5 +1,9 @@
 # Shared by deps.sh and vm-deps.sh (sourced, not run).
 
+log() { echo "deps: $*"; }
+warn() { echo "deps: WARNING: $*" >&2; }
+die() { echo "deps: ERROR: $*" >&2; exit 1; }
+
 # install_packages WHAT PKG...: installs the Debian packages that are missing, with
 # the system's own apt sources, and checks that each one is installed afterwards.
 install_packages() {

@@ -53,9 +53,6 @@ VM_STAMP=$DUPLEX_LIB_DIR/vm.stamp
 export DEBIAN_FRONTEND=noninteractive
 export LC_ALL=C
 
-log() { echo "deps: $*"; }
-warn() { echo "deps: WARNING: $*" >&2; }
-die() { echo "deps: ERROR: $*" >&2; exit 1; }
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
