@@ -74,6 +74,7 @@ func (e *Engine) dumpCommand(ctx context.Context, o DumpOptions, op, logName str
 		args = append(args, "--prev-images-dir", parent)
 	}
 	cmd := exec.Command(e.Path(), args...)
+	cmd.Env = e.env()
 	cmd.ExtraFiles = []*os.File{o.PageServerConn}
 	var statusR *os.File
 	if o.LazyConn {

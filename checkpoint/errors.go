@@ -7,6 +7,7 @@ import (
 	"os"
 	"regexp"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -181,4 +182,60 @@ func SeizeOffset(logPath string) (d time.Duration, ok bool) {
 		return time.Duration(sec)*time.Second + time.Duration(usec)*time.Microsecond, true
 	}
 	return 0, false
+}
+
+// SeizeWatch watches a process for the moment a tracer (CRIU) seizes it, which is
+// when a dump freezes it, by polling its TracerPid. SeizeOffset reads the same
+// moment from CRIU's log, but only relative to CRIU's own start, after its exec
+// and dynamic loading (several milliseconds).
+type SeizeWatch struct {
+	stop     chan struct{}
+	once     sync.Once
+	done     chan struct{}
+	untraced time.Time // the last poll that saw it untraced
+	seized   bool
+}
+
+// WatchSeize starts watching pid (see SeizeWatch).
+func WatchSeize(pid int) *SeizeWatch {
+	w := &SeizeWatch{stop: make(chan struct{}), done: make(chan struct{})}
+	path := fmt.Sprintf("/proc/%d/status", pid)
+	go func() {
+		defer close(w.done)
+		for {
+			now := time.Now()
+			b, err := os.ReadFile(path)
+			if err != nil {
+				return
+			}
+			i := strings.Index(string(b), "TracerPid:")
+			if i < 0 {
+				return
+			}
+			f := strings.Fields(string(b[i+len("TracerPid:"):]))
+			if len(f) == 0 {
+				return
+			}
+			if f[0] != "0" {
+				w.seized = !w.untraced.IsZero() // traced from the start: not ours to judge
+				return
+			}
+			w.untraced = now
+			select {
+			case <-w.stop:
+				return
+			case <-time.After(100 * time.Microsecond):
+			}
+		}
+	}()
+	return w
+}
+
+// Seized stops watching and returns the last moment the process was seen
+// running untraced: the freeze came after it, within one poll (~0.1-0.2 ms).
+// ok is false when no seize was seen.
+func (w *SeizeWatch) Seized() (before time.Time, ok bool) {
+	w.once.Do(func() { close(w.stop) })
+	<-w.done
+	return w.untraced, w.seized
 }

@@ -8,7 +8,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"time"
 
 	criu "github.com/checkpoint-restore/go-criu/v7"
 	"github.com/checkpoint-restore/go-criu/v7/rpc"
@@ -216,36 +215,50 @@ func (e *Engine) StartLazyPages(ctx context.Context, o LazyPagesOptions) (*LazyP
 	if o.TLS != nil {
 		args = append(args, "--tls", "--tls-cacert", o.TLS.CACert, "--tls-cert", o.TLS.Cert, "--tls-key", o.TLS.Key)
 	}
-	sock := filepath.Join(o.ImagesDir, "lazy-pages.socket")
-	_ = os.Remove(sock)
-	cmd := exec.Command(e.Path(), args...)
-	if o.Conn != nil {
-		cmd.ExtraFiles = []*os.File{o.Conn}
+	// CRIU writes one byte to its status fd once its socket accepts the restore.
+	statusR, statusW, err := os.Pipe()
+	if err != nil {
+		return nil, fmt.Errorf("start lazy-pages: %w", err)
 	}
+	defer statusR.Close()
+	var files []*os.File
+	if o.Conn != nil {
+		files = append(files, o.Conn)
+	}
+	args = append(args, "--status-fd", strconv.Itoa(3+len(files)))
+	files = append(files, statusW)
+	_ = os.Remove(filepath.Join(o.ImagesDir, "lazy-pages.socket"))
+	cmd := exec.Command(e.Path(), args...)
+	cmd.ExtraFiles = files
+	cmd.Env = e.env()
 	logPath := filepath.Join(o.ImagesDir, LazyPagesLog)
-	if err := cmd.Start(); err != nil {
+	err = cmd.Start()
+	statusW.Close() // only CRIU writes the status
+	if err != nil {
 		return nil, fmt.Errorf("start lazy-pages: %w", err)
 	}
 	lp := &LazyPages{cmd: cmd, done: make(chan error, 1), LogPath: logPath}
 	go func() { lp.done <- cmd.Wait() }()
-	tick := time.NewTicker(2 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		if _, err := os.Stat(sock); err == nil {
+	ready := make(chan bool, 1)
+	go func() {
+		b := make([]byte, 1)
+		n, _ := statusR.Read(b)
+		ready <- n == 1
+	}()
+	select {
+	case ok := <-ready:
+		if ok {
 			return lp, nil
 		}
-		select {
-		case err := <-lp.done:
-			lp.done <- err
-			if err == nil {
-				err = errors.New("exited before serving")
-			}
-			return nil, criuError("lazy-pages", err, logPath)
-		case <-ctx.Done():
-			lp.Stop()
-			return nil, ctx.Err()
-		case <-tick.C:
+		err := <-lp.done
+		lp.done <- err
+		if err == nil {
+			err = errors.New("exited before serving")
 		}
+		return nil, criuError("lazy-pages", err, logPath)
+	case <-ctx.Done():
+		lp.Stop()
+		return nil, ctx.Err()
 	}
 }
 

@@ -2,71 +2,148 @@ package checkpoint
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 
-	criu "github.com/checkpoint-restore/go-criu/v7"
+	"github.com/checkpoint-restore/go-criu/v7/rpc"
 	"golang.org/x/sys/unix"
+	"google.golang.org/protobuf/proto"
 )
 
-// session is one `criu swrk` process serving one request. go-criu offers no way to
-// abort a request, so the session remembers the swrk PID to kill it when a
-// cancellable request's context ends.
+// session is one `criu swrk` process serving one request over a SOCK_SEQPACKET
+// pair. It is started here rather than through go-criu's Criu.Prepare (whose RPC
+// messages it uses) for three things go-criu does not offer: the process's PID, to
+// put it in a cgroup before a restore and to kill it when a request's context ends;
+// its environment (see Engine.HardwareBreakpoints); and starting it ahead of the
+// request (see Engine.Spare).
 type session struct {
-	c   *criu.Criu
-	pid int // 0 when it could not be identified; the request then cannot be aborted
+	cmd *exec.Cmd
+	sk  *os.File
+	pid int
 }
-
-// spawnMu serialises swrk start-ups so that the new child can be told apart.
-var spawnMu sync.Mutex
 
 func (e *Engine) session() (*session, error) {
-	spawnMu.Lock()
-	defer spawnMu.Unlock()
-	before := children()
-	c := criu.MakeCriu()
-	c.SetCriuPath(e.Path())
-	if err := c.Prepare(); err != nil {
+	fds, err := unix.Socketpair(unix.AF_LOCAL, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
 		return nil, fmt.Errorf("start %s swrk: %w", e.Path(), err)
 	}
-	s := &session{c: c}
-	for pid := range children() {
-		if before[pid] {
-			continue
-		}
-		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); err == nil && strings.Contains(string(b), "swrk") {
-			s.pid = pid
-			break
-		}
+	cln := os.NewFile(uintptr(fds[0]), "criu-swrk-client")
+	srv := os.NewFile(uintptr(fds[1]), "criu-swrk-server")
+	defer srv.Close()
+	cmd := exec.Command(e.Path(), "swrk", "3")
+	cmd.ExtraFiles = []*os.File{srv} // fd 3 in CRIU
+	cmd.Env = e.env()
+	if err := cmd.Start(); err != nil {
+		cln.Close()
+		return nil, fmt.Errorf("start %s swrk: %w", e.Path(), err)
 	}
-	return s, nil
+	return &session{cmd: cmd, sk: cln, pid: cmd.Process.Pid}, nil
 }
 
-// do runs one request. When ctx ends first, CRIU is killed, the processes it was
-// restoring are killed too, and ctx's error is returned. Pass a context that never
-// ends for requests that must not be interrupted (dumps).
-func (s *session) do(ctx context.Context, workDir string, req func(c *criu.Criu) error) error {
+// close ends the session: CRIU exits once its socket closes.
+func (s *session) close() {
+	_ = s.sk.Close()
+	_ = s.cmd.Wait()
+}
+
+// call sends one request and answers CRIU's notifications with nfy until the
+// request's own response arrives.
+func (s *session) call(typ rpc.CriuReqType, opts *rpc.CriuOpts, nfy Notify) (*rpc.CriuResp, error) {
+	if nfy != nil {
+		opts.NotifyScripts = proto.Bool(true)
+	}
+	req := &rpc.CriuReq{Type: typ.Enum(), Opts: opts}
+	buf := make([]byte, 64<<10)
+	for {
+		b, err := proto.Marshal(req)
+		if err != nil {
+			return nil, err
+		}
+		if _, err := s.sk.Write(b); err != nil {
+			return nil, fmt.Errorf("criu swrk: send: %w", err)
+		}
+		n, err := s.sk.Read(buf)
+		if err != nil {
+			return nil, fmt.Errorf("criu swrk: no answer (did it die?): %w", err)
+		}
+		resp := &rpc.CriuResp{}
+		if err := proto.Unmarshal(buf[:n], resp); err != nil {
+			return nil, fmt.Errorf("criu swrk: answer: %w", err)
+		}
+		if !resp.GetSuccess() {
+			return resp, fmt.Errorf("operation failed (msg:%s err:%d)", resp.GetCrErrmsg(), resp.GetCrErrno())
+		}
+		if resp.GetType() != rpc.CriuReqType_NOTIFY {
+			if resp.GetType() != typ {
+				return resp, fmt.Errorf("criu swrk: answer of type %s to a %s request", resp.GetType(), typ)
+			}
+			return resp, nil
+		}
+		if nfy == nil {
+			return resp, errors.New("criu swrk: unexpected notification")
+		}
+		if err := notify(nfy, resp.GetNotify()); err != nil {
+			return resp, err
+		}
+		req = &rpc.CriuReq{Type: rpc.CriuReqType_NOTIFY.Enum(), NotifySuccess: proto.Bool(true)}
+	}
+}
+
+func notify(nfy Notify, n *rpc.CriuNotify) error {
+	switch n.GetScript() {
+	case "pre-dump":
+		return nfy.PreDump()
+	case "post-dump":
+		return nfy.PostDump()
+	case "pre-restore":
+		return nfy.PreRestore()
+	case "post-restore":
+		return nfy.PostRestore(n.GetPid())
+	case "network-lock":
+		return nfy.NetworkLock()
+	case "network-unlock":
+		return nfy.NetworkUnlock()
+	case "setup-namespaces":
+		return nfy.SetupNamespaces(n.GetPid())
+	case "post-setup-namespaces":
+		return nfy.PostSetupNamespaces()
+	case "post-resume":
+		return nfy.PostResume()
+	}
+	return nil
+}
+
+// do runs one request and ends the session. When ctx ends first, CRIU is killed,
+// the processes it was restoring are killed too, and ctx's error is returned. Pass
+// a context that never ends for requests that must not be interrupted (dumps).
+func (s *session) do(ctx context.Context, workDir string, typ rpc.CriuReqType, opts *rpc.CriuOpts, nfy Notify) (*rpc.CriuResp, error) {
 	before := children()
-	done := make(chan error, 1)
-	go func() { done <- req(s.c) }()
+	type answer struct {
+		resp *rpc.CriuResp
+		err  error
+	}
+	done := make(chan answer, 1)
+	go func() {
+		r, err := s.call(typ, opts, nfy)
+		done <- answer{r, err}
+	}()
 	select {
-	case err := <-done:
-		_ = s.c.Cleanup() // CRIU exits non-zero after a failed request: err says why
-		return err
+	case a := <-done:
+		s.close() // CRIU exits non-zero after a failed request: the answer says why
+		return a.resp, a.err
 	case <-ctx.Done():
 	}
-	if s.pid > 0 {
-		_ = unix.Kill(s.pid, unix.SIGKILL)
-	}
+	_ = unix.Kill(s.pid, unix.SIGKILL)
 	<-done
-	_ = s.c.Cleanup()
+	s.close()
 	killNewNamespaces(before)
 	unmountUnder(workDir)
-	return fmt.Errorf("criu aborted: %w", ctx.Err())
+	return nil, fmt.Errorf("criu aborted: %w", ctx.Err())
 }
 
 // children returns the PIDs of this process's children.
