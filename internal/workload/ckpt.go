@@ -282,6 +282,73 @@ type RestoreOptions struct {
 	BeforeRestore func(rec Record) error
 	// LazyPages restores without memory; a lazy-pages daemon serves it.
 	LazyPages bool
+	// DumpedElsewhere says the checkpoint was taken on another host (a migration).
+	// Its network lock, an nftables table, stays in the source host's network:
+	// CRIU's restore takes no lock of its own in that mode and would only try to
+	// delete a table that does not exist here (about 15 ms of nft set-up inside
+	// the downtime), so the restore runs without network locking.
+	DumpedElsewhere bool
+	// Prepared is what PrepareRestore made ready for this restore.
+	Prepared *PreparedRestore
+}
+
+// PreparedRestore is a restore made ready before its images arrive: the
+// workload's cgroup exists with its limits and, where the checkpointer can, a
+// CRIU process waits inside it. A migration's destination prepares while the
+// source still runs, which takes both out of the downtime. Close it unless a
+// restore took it.
+type PreparedRestore struct {
+	m        *Manager
+	name     string
+	cgroup   string
+	made     bool // the cgroup was made for this restore
+	restorer *checkpoint.Restorer
+	used     bool
+}
+
+// restorerStarter is a Checkpointer that can start its CRIU process ahead.
+type restorerStarter interface {
+	StartRestorer(place func(criuPid int) error) (*checkpoint.Restorer, error)
+}
+
+// PrepareRestore gets this host ready to restore rec (see PreparedRestore).
+func (m *Manager) PrepareRestore(rec Record) (*PreparedRestore, error) {
+	if err := ValidateName(rec.Name); err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	old, exists := m.w[rec.Name]
+	if exists && (old.busy != "" || live(old.rec.State)) {
+		m.mu.Unlock()
+		return nil, fmt.Errorf("%w: restore %s: a workload of that name is %s", ErrExists, rec.Name, old.rec.State)
+	}
+	m.mu.Unlock()
+	p := &PreparedRestore{m: m, name: rec.Name, cgroup: m.cgroupPath(rec.Name)}
+	p.made = !m.cg.exists(p.cgroup)
+	if err := m.cg.create(p.cgroup, rec.MemoryLimit, rec.SocketMemoryLimit); err != nil {
+		return nil, fmt.Errorf("prepare to restore %s: %w", rec.Name, err)
+	}
+	if rs, ok := m.cfg.Checkpointer.(restorerStarter); ok {
+		r, err := rs.StartRestorer(func(pid int) error { return m.cg.add(p.cgroup, pid) })
+		if err != nil {
+			p.Close()
+			return nil, fmt.Errorf("prepare to restore %s: %w", rec.Name, err)
+		}
+		p.restorer = r
+	}
+	return p, nil
+}
+
+// Close undoes a preparation no restore took; after a restore it does nothing.
+func (p *PreparedRestore) Close() {
+	if p == nil || p.used {
+		return
+	}
+	p.used = true
+	p.restorer.Close()
+	if p.made {
+		_ = p.m.cg.remove(p.cgroup)
+	}
 }
 
 // Restore brings back the workload checkpointed in opts.Dir and adopts it. A
@@ -339,19 +406,33 @@ func (m *Manager) Restore(ctx context.Context, opts RestoreOptions) (Record, *ch
 		}
 	}
 	lock := checkpoint.LockDefault
-	if meta.NetworkLock == "nftables" {
+	switch {
+	case meta.NetworkLock == "nftables" && opts.DumpedElsewhere:
+		lock = checkpoint.LockSkip
+	case meta.NetworkLock == "nftables":
 		lock = checkpoint.LockNFTables
 	}
 	// The tree's cgroups are this host's, made here with the workload's limits;
 	// CRIU restores it from inside them (cheaper than CRIU's cgroup management,
 	// and the host's cgroup parent may differ from the source's).
 	rec.Cgroup = m.cgroupPath(rec.Name)
-	madeCgroup := !m.cg.exists(rec.Cgroup)
-	if err := m.cg.create(rec.Cgroup, rec.MemoryLimit, rec.SocketMemoryLimit); err != nil {
-		undo()
-		return Record{}, nil, fmt.Errorf("restore %s: %w", rec.Name, err)
+	var restorer *checkpoint.Restorer
+	madeCgroup := false
+	if p := opts.Prepared; p != nil && !p.used && p.name == rec.Name && p.cgroup == rec.Cgroup {
+		// The cgroup exists already; it is removed on failure only if made for this.
+		p.used = true
+		restorer, madeCgroup = p.restorer, p.made
+		defer restorer.Close() // a no-op once the restore took it
+	} else {
+		opts.Prepared.Close() // prepared for another name: of no use
+		madeCgroup = !m.cg.exists(rec.Cgroup)
+		if err := m.cg.create(rec.Cgroup, rec.MemoryLimit, rec.SocketMemoryLimit); err != nil {
+			undo()
+			return Record{}, nil, fmt.Errorf("restore %s: %w", rec.Name, err)
+		}
 	}
 	res, err := m.cfg.Checkpointer.Restore(ctx, checkpoint.RestoreOptions{
+		Restorer:       restorer,
 		ImagesDir:      dir,
 		TCPEstablished: meta.TCPEstablished,
 		NetworkLock:    lock,

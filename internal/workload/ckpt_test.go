@@ -251,3 +251,82 @@ func TestRestoreIntoThisHostsCgroup(t *testing.T) {
 	n := lastCount(t, rec.Stdout)
 	testutil.Eventually(t, 5*time.Second, "counter to go on", func() bool { return lastCount(t, rec.Stdout) > n+3 })
 }
+
+// A restore prepared ahead (cgroup made, CRIU waiting inside it) restores into that
+// cgroup; one never used leaves nothing behind; a name already running here is
+// refused.
+func TestPreparedRestore(t *testing.T) {
+	eng := testutil.RequiresCRIU(t)
+	prog := testutil.Build(t, "./internal/testprog")
+	src := newManager(t, t.TempDir(), testutil.CgroupParent(t), eng)
+	dstParent := testutil.CgroupParent(t)
+	dst := newManager(t, t.TempDir(), dstParent, eng)
+	stopAll(t, src)
+	stopAll(t, dst)
+	ctx := context.Background()
+	rec, err := src.Run(ctx, workload.Spec{Name: "ahead", Args: []string{prog, "counter"}, MemoryLimit: 80 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, 5*time.Second, "counter output", func() bool { return lastCount(t, rec.Stdout) >= 3 })
+	if _, err := src.PrepareRestore(rec); !errors.Is(err, workload.ErrExists) {
+		t.Errorf("preparing to restore a workload running here: %v, want ErrExists", err)
+	}
+
+	v1 := true
+	if _, err := os.Stat("/sys/fs/cgroup/memory"); err != nil {
+		v1 = false
+	}
+	want := "/" + filepath.Join(dstParent, "ahead")
+	p, err := dst.PrepareRestore(rec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v1 {
+		limit, _ := os.ReadFile(filepath.Join("/sys/fs/cgroup/memory", want, "memory.limit_in_bytes"))
+		if strings.TrimSpace(string(limit)) != fmt.Sprint(80<<20) {
+			t.Errorf("prepared cgroup's memory limit %q, want %d", limit, 80<<20)
+		}
+		procs, _ := os.ReadFile(filepath.Join("/sys/fs/cgroup/memory", want, "cgroup.procs"))
+		if len(strings.Fields(string(procs))) != 1 {
+			t.Errorf("prepared cgroup holds %q, want CRIU's one process", procs)
+		}
+	}
+	dir := t.TempDir()
+	if _, err := src.Checkpoint(ctx, "ahead", workload.CheckpointOptions{Dir: dir}); err != nil {
+		t.Fatal(err)
+	}
+	restored, res, err := dst.Restore(ctx, workload.RestoreOptions{Dir: dir, Prepared: p})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Close() // a no-op after the restore took it
+	if !res.Placed || restored.Cgroup != want {
+		t.Errorf("restore placed %v into %s, want placed into %s", res.Placed, restored.Cgroup, want)
+	}
+	if v1 {
+		cg, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", res.Pid))
+		if !strings.Contains(string(cg), ":memory:"+want+"\n") {
+			t.Errorf("restored tree's cgroups:\n%s\nwant memory:%s", cg, want)
+		}
+	}
+	n := lastCount(t, rec.Stdout)
+	testutil.Eventually(t, 5*time.Second, "counter to go on", func() bool { return lastCount(t, rec.Stdout) > n+2 })
+
+	// Prepared and never used: Close removes the cgroup and its CRIU process.
+	unused, err := dst.PrepareRestore(workload.Record{Spec: workload.Spec{Name: "never"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	never := filepath.Join("/sys/fs/cgroup/memory", dstParent, "never")
+	if !v1 {
+		never = filepath.Join("/sys/fs/cgroup", dstParent, "never")
+	}
+	if _, err := os.Stat(never); err != nil {
+		t.Fatalf("prepared cgroup: %v", err)
+	}
+	unused.Close()
+	if _, err := os.Stat(never); !os.IsNotExist(err) {
+		t.Errorf("cgroup of an unused preparation still there: %v", err)
+	}
+}
