@@ -2,6 +2,7 @@ package migrate
 
 import (
 	"archive/tar"
+	"bufio"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -62,7 +63,10 @@ func WriteImages(w io.Writer, dir string) (int64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("send images: %w", err)
 	}
-	tw := tar.NewWriter(w)
+	// Buffered: the stream is mostly small files, and each write would otherwise
+	// become its own TLS record and system call on the agents' connection.
+	bw := bufio.NewWriterSize(w, 256<<10)
+	tw := tar.NewWriter(bw)
 	m := manifest{Files: map[string]fileSum{}}
 	var total int64
 	for _, e := range ents {
@@ -86,7 +90,10 @@ func WriteImages(w io.Writer, dir string) (int64, error) {
 	if _, err := tw.Write(b); err != nil {
 		return total, err
 	}
-	return total, tw.Close()
+	if err := tw.Close(); err != nil {
+		return total, err
+	}
+	return total, bw.Flush()
 }
 
 func sendFile(tw *tar.Writer, path, name string) (int64, string, error) {

@@ -76,6 +76,10 @@ type RestoreResponse struct {
 	RestoreMS     float64 `json:"restore_ms"`      // CRIU's own restore time
 	RestoreWallMS float64 `json:"restore_wall_ms"` // the whole CRIU call
 	AnnounceMS    float64 `json:"announce_ms"`     // restore done to the first announcement sent
+	// LazyStartMS is the start of the lazy-pages daemon before the restore.
+	LazyStartMS float64 `json:"lazy_start_ms,omitempty"`
+	// WallMS is the whole Restore call on the destination.
+	WallMS float64 `json:"wall_ms"`
 	// Lazy means the copy runs while its memory is still being filled in; the
 	// destination's Commit returns once every page is in place.
 	Lazy bool `json:"lazy,omitempty"`

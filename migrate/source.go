@@ -103,9 +103,23 @@ type Result struct {
 	LazyRestore bool `json:"lazy_restore,omitempty"`
 	// Rounds are pre-copy's pre-dump rounds, before the freeze.
 	Rounds []Round `json:"rounds,omitempty"`
+	// Downtime splits DowntimeMS into its steps, in order (see Part).
+	Downtime []Part `json:"downtime,omitempty"`
 	// Phases holds each phase's duration in milliseconds.
 	Phases map[string]float64 `json:"phases"`
 	Pid    int                `json:"pid"` // the workload's root on the destination
+}
+
+// Part is one step of a migration's downtime. The steps are, in order: "dump"
+// (CRIU on the source, from seizing the tree until its memory is sent or, for
+// post-copy, ready to be served), "images" (the image stream), "release" (service
+// addresses removed from the source), then on the destination "lazy-pages" (its
+// lazy-pages daemon started), "addresses" (service addresses added), "restore" (the
+// CRIU restore call), "announce" (first announcement sent) and "agent" (the rest of
+// the restore request: the round trip and the destination's bookkeeping).
+type Part struct {
+	Name string  `json:"name"`
+	MS   float64 `json:"ms"`
 }
 
 // Round is one pre-dump round of a pre-copy migration.
@@ -228,12 +242,15 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 	// once the copy runs there.
 	report(PhaseFreeze, res.PageBytes, fmt.Sprintf("strategy %s, %d MiB resident", strategy, mem>>20))
 	freeze := time.Now()
+	seize := checkpoint.WatchSeize(rec.Pid)
+	defer seize.Seized()
 	moved := res.PageBytes // by pre-copy's rounds
 	stopTicker := tunnel.tick(func(n int64) {
 		emit(Progress{Workload: req.Workload, Phase: current.Load().(string), Elapsed: time.Since(start), Bytes: moved + n})
 	})
 	defer stopTicker()
 	postCopy := strategy == PostCopy
+	var dumpEnd time.Time      // the memory sent, or ready to be served
 	var dumped chan dumpResult // post-copy: the lazy dump's end, after the last page
 	if postCopy {
 		ready := make(chan struct{})
@@ -251,6 +268,7 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 		}()
 		select {
 		case <-ready:
+			dumpEnd = time.Now()
 		case r := <-dumped:
 			dumped <- r
 			_ = tunnel.wait(10 * time.Second)
@@ -264,6 +282,7 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 			PageServerConn: criuEnd, ParentDir: parent,
 		})
 		criuEnd.Close()
+		dumpEnd = time.Now()
 		if terr := tunnel.wait(10 * time.Second); err == nil && terr != nil {
 			// The dump itself succeeded: the tree is frozen and must resume.
 			_ = dst.Abort(context.WithoutCancel(ctx), res.ID)
@@ -345,6 +364,7 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 		_ = dst.Abort(context.WithoutCancel(ctx), res.ID)
 		return rollback(fmt.Errorf("send images: %w", err))
 	}
+	imagesEnd := time.Now()
 
 	// The address leaves the source before the destination takes it: never two owners.
 	report(PhaseRestore, res.PageBytes+res.ImageBytes, "")
@@ -356,6 +376,7 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 		}
 		vipsDown = true
 	}
+	released := time.Now()
 	rr, err := dst.Restore(ctx, res.ID)
 	if err != nil {
 		if errors.Is(err, ErrRestoreFailed) {
@@ -371,12 +392,17 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 		return rollback(err)
 	}
 	// The tree stopped when CRIU seized it, after CRIU had started and probed the
-	// kernel; CRIU's log says when, counted from its start, which came after
-	// freeze: so this never counts less than the real downtime.
-	if off, ok := checkpoint.SeizeOffset(filepath.Join(dir, checkpoint.DumpLog)); ok && off < time.Since(freeze) {
+	// kernel. The watch saw it last running just before; failing that, CRIU's log
+	// says when, counted from its start, which came after freeze. Either way this
+	// never counts less than the real downtime.
+	if before, ok := seize.Seized(); ok && before.After(freeze) {
+		freeze = before
+	} else if off, ok := checkpoint.SeizeOffset(filepath.Join(dir, checkpoint.DumpLog)); ok && off < time.Since(freeze) {
 		freeze = freeze.Add(off)
 	}
-	res.DowntimeMS = ms(time.Since(freeze))
+	restored := time.Now()
+	res.DowntimeMS = ms(restored.Sub(freeze))
+	res.Downtime = downtimeParts(freeze, dumpEnd, imagesEnd, released, restored, rr)
 	res.RestoreMS = rr.RestoreWallMS
 	res.VIPAddMS = rr.VIPAddMS
 	res.AnnounceMS = rr.AnnounceMS
@@ -508,6 +534,33 @@ func (s *Source) cancelOrHold(ctx context.Context, dst Destination, rec workload
 			rec.Name, ErrOutcomeUnknown, cause, req.To, err, s.Host)
 	}
 	return rollback(cause)
+}
+
+// downtimeParts splits the downtime at the source's own timestamps and the
+// destination's figures.
+func downtimeParts(freeze, dumpEnd, imagesEnd, released, restored time.Time, rr RestoreResponse) []Part {
+	dst := []Part{
+		{"lazy-pages", rr.LazyStartMS},
+		{"addresses", rr.VIPAddMS},
+		{"restore", rr.RestoreWallMS},
+		{"announce", rr.AnnounceMS},
+	}
+	local := rr.WallMS
+	for _, p := range dst {
+		local -= p.MS
+	}
+	dst = append(dst, Part{"bookkeeping", local}, Part{"agent", ms(restored.Sub(released)) - rr.WallMS})
+	parts := []Part{
+		{"dump", ms(dumpEnd.Sub(freeze))},
+		{"images", ms(imagesEnd.Sub(dumpEnd))},
+		{"release", ms(released.Sub(imagesEnd))},
+	}
+	for _, p := range dst {
+		if p.MS != 0 || p.Name == "restore" {
+			parts = append(parts, p)
+		}
+	}
+	return parts
 }
 
 type dumpResult struct {

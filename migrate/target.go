@@ -54,20 +54,34 @@ type Target struct {
 }
 
 type incoming struct {
-	req      PrepareRequest
-	created  time.Time
-	dir      string
-	cur      string // where the current page server writes and the images go
-	round    int    // pre-copy: the page server's round, 1 for the first
-	ps       *checkpoint.PageServer
-	tunnel   *os.File // our end of the page channel; nil once handed out
-	lazyEnd  *os.File // post-copy: CRIU's end, for the lazy-pages daemon at restore
-	lazy     *checkpoint.LazyPages
-	lazyDone chan error // post-copy: the daemon's outcome, once it ends
-	images   bool
-	restored bool
-	vips     []string // addresses added here
-	busy     bool
+	req     PrepareRequest
+	created time.Time
+	dir     string
+	cur     string // where the current page server writes and the images go
+	round   int    // pre-copy: the page server's round, 1 for the first
+	ps      *checkpoint.PageServer
+	tunnel  *os.File // our end of the page channel; nil once handed out
+	lazyEnd *os.File // post-copy: CRIU's end, for the lazy-pages daemon at restore
+	lazy    *checkpoint.LazyPages
+	// lazyStart is post-copy's lazy-pages daemon, started once the images are in.
+	lazyStart chan lazyStarted
+	lazyDone  chan error // post-copy: the daemon's outcome, once it ends
+	images    bool
+	restored  bool
+	vips      []string // addresses added here
+	busy      bool
+	// prepared is the restore made ready at Prepare (its cgroup and CRIU process).
+	prepared *workload.PreparedRestore
+}
+
+type lazyStarted struct {
+	lp  *checkpoint.LazyPages
+	err error
+}
+
+// restorePreparer is a Workloads that can get a restore ready ahead.
+type restorePreparer interface {
+	PrepareRestore(rec workload.Record) (*workload.PreparedRestore, error)
 }
 
 func (t *Target) log() *logrus.Entry {
@@ -135,6 +149,15 @@ func (t *Target) Prepare(ctx context.Context, req PrepareRequest) (PrepareRespon
 	}
 	if err := os.MkdirAll(in.cur, 0o700); err != nil {
 		return fail(fmt.Errorf("prepare %s: %w", req.ID, err))
+	}
+	if rp, ok := t.Workloads.(restorePreparer); ok {
+		// The workload's cgroup and the CRIU process that will restore it, made
+		// now while the source runs rather than inside the downtime.
+		p, err := rp.PrepareRestore(req.Workload)
+		if err != nil {
+			return fail(fmt.Errorf("%w: %w", ErrPreflight, err))
+		}
+		in.prepared = p
 	}
 	// The page server listens on nothing: it serves one end of a socket pair whose
 	// other end the source reaches through Pages.
@@ -322,6 +345,17 @@ func (t *Target) SendImages(ctx context.Context, id string, r io.Reader) (Receiv
 		return Received{}, fmt.Errorf("images of %s: %w", id, err)
 	}
 	in.images = true
+	if in.req.Strategy == PostCopy {
+		// The lazy-pages daemon reads the images as it starts: start it now, while
+		// the source hands over the service addresses and asks for the restore.
+		in.lazyStart = make(chan lazyStarted, 1)
+		go func(conn *os.File) {
+			lp, err := t.Engine.StartLazyPages(context.Background(), checkpoint.LazyPagesOptions{ImagesDir: in.cur, Conn: conn})
+			conn.Close()
+			in.lazyStart <- lazyStarted{lp, err}
+		}(in.lazyEnd)
+		in.lazyEnd = nil
+	}
 	return Received{Files: files, Bytes: n}, nil
 }
 
@@ -338,16 +372,26 @@ func (t *Target) Restore(ctx context.Context, id string) (RestoreResponse, error
 	if in.restored {
 		return RestoreResponse{}, fmt.Errorf("migration %s: already restored", id)
 	}
+	began := time.Now()
+	var resp RestoreResponse
 	postCopy := in.req.Strategy == PostCopy
 	lazy := postCopy || t.lazyLocal(ctx)
 	if postCopy {
-		lp, err := t.Engine.StartLazyPages(ctx, checkpoint.LazyPagesOptions{ImagesDir: in.cur, Conn: in.lazyEnd})
-		in.lazyEnd.Close()
-		in.lazyEnd = nil
-		if err != nil {
-			return RestoreResponse{}, fmt.Errorf("%w: %s: %w", ErrRestoreFailed, id, err)
+		if in.lazyStart == nil {
+			return RestoreResponse{}, fmt.Errorf("%w: %s: no lazy-pages daemon", ErrRestoreFailed, id)
 		}
-		in.lazy = lp
+		var st lazyStarted
+		select {
+		case st = <-in.lazyStart:
+			in.lazyStart = nil
+		case <-ctx.Done():
+			return RestoreResponse{}, fmt.Errorf("%w: %s: waiting for the lazy-pages daemon: %w", ErrRestoreFailed, id, ctx.Err())
+		}
+		resp.LazyStartMS = ms(time.Since(began)) // what the wait added
+		if st.err != nil {
+			return RestoreResponse{}, fmt.Errorf("%w: %s: %w", ErrRestoreFailed, id, st.err)
+		}
+		in.lazy = st.lp
 	} else {
 		// The page server ends when the dump closes its connection.
 		if in.ps == nil {
@@ -362,7 +406,9 @@ func (t *Target) Restore(ctx context.Context, id string) (RestoreResponse, error
 		if lazy {
 			// Every page is here already; the copy starts before they are all in
 			// place, and a local lazy-pages daemon fills them in from the images.
+			ls := time.Now()
 			lp, err := t.Engine.StartLazyPages(ctx, checkpoint.LazyPagesOptions{ImagesDir: in.cur})
+			resp.LazyStartMS = ms(time.Since(ls))
 			if err != nil {
 				return RestoreResponse{}, fmt.Errorf("%w: %s: %w", ErrRestoreFailed, id, err)
 			}
@@ -370,7 +416,6 @@ func (t *Target) Restore(ctx context.Context, id string) (RestoreResponse, error
 		}
 	}
 
-	var resp RestoreResponse
 	rec, res, err := t.Workloads.Restore(ctx, workload.RestoreOptions{Dir: in.cur, BeforeRestore: func(rec workload.Record) error {
 		start := time.Now()
 		for _, v := range rec.VIPs {
@@ -381,7 +426,7 @@ func (t *Target) Restore(ctx context.Context, id string) (RestoreResponse, error
 		}
 		resp.VIPAddMS = ms(time.Since(start))
 		return nil
-	}, LazyPages: lazy})
+	}, LazyPages: lazy, DumpedElsewhere: true, Prepared: in.prepared})
 	if err != nil {
 		t.removeVIPs(in)
 		if in.lazy != nil {
@@ -416,6 +461,7 @@ func (t *Target) Restore(ctx context.Context, id string) (RestoreResponse, error
 	resp.Workload = rec
 	resp.RestoreMS = ms(res.RestoreTime)
 	resp.RestoreWallMS = ms(res.Wall)
+	resp.WallMS = ms(time.Since(began))
 	t.log().WithFields(logrus.Fields{"migration": id, "workload": rec.Name, "pid": rec.Pid, "restore_ms": resp.RestoreMS}).Info("restored incoming workload")
 	return resp, nil
 }
@@ -531,6 +577,12 @@ func (t *Target) drop(in *incoming) {
 	if in.lazy != nil && in.lazyDone == nil {
 		in.lazy.Stop()
 	}
+	if in.lazyStart != nil {
+		if st := <-in.lazyStart; st.lp != nil {
+			st.lp.Stop()
+		}
+	}
+	in.prepared.Close() // a no-op once a restore took it
 	_ = os.RemoveAll(in.dir)
 	t.mu.Lock()
 	delete(t.m, in.req.ID)

@@ -44,8 +44,10 @@ type Row struct {
 	TotalMS    float64 `json:"total_ms"`
 	Bytes      int64   `json:"bytes_moved"`
 	AnnounceMS float64 `json:"vip_move_ms"` // restore done to the address announced
-	ClientErr  string  `json:"client_error,omitempty"`
-	Err        string  `json:"error,omitempty"`
+	// Downtime splits a duplex migration's downtime into its steps.
+	Downtime  []migrate.Part `json:"downtime,omitempty"`
+	ClientErr string         `json:"client_error,omitempty"`
+	Err       string         `json:"error,omitempty"`
 }
 
 type bench struct {
@@ -268,6 +270,7 @@ func (b *bench) duplex(ctx context.Context, name, strategy string, row *Row) err
 	row.DowntimeMS, row.FrozenMS, row.TotalMS = r.DowntimeMS, r.FrozenMS, r.TotalMS
 	row.Bytes = r.PageBytes + r.ImageBytes
 	row.AnnounceMS = r.AnnounceMS
+	row.Downtime = r.Downtime
 	return nil
 }
 
@@ -390,6 +393,19 @@ func printTable(rows []Row) {
 			r.SizeMiB, r.DirtyMiB, r.Method, r.DowntimeMS, ratio, r.GapMS, r.FrozenMS, r.TotalMS, float64(r.Bytes)/(1<<20), r.AnnounceMS, client)
 	}
 	tw.Flush()
+
+	// Where each duplex migration's downtime went.
+	fmt.Println("\ndowntime steps (ms):")
+	for _, r := range rows {
+		if len(r.Downtime) == 0 {
+			continue
+		}
+		parts := make([]string, len(r.Downtime))
+		for i, p := range r.Downtime {
+			parts[i] = fmt.Sprintf("%s %.1f", p.Name, p.MS)
+		}
+		fmt.Printf("  %d MiB, %d MiB/s, %s: %s\n", r.SizeMiB, r.DirtyMiB, r.Method, strings.Join(parts, ", "))
+	}
 
 	// The targets, judged on this run's figures.
 	fmt.Println("\ntargets:")

@@ -205,6 +205,13 @@ func (a *app) printResult(r *migrate.Result) {
 	if r.LazyRestore && r.Strategy != migrate.PostCopy {
 		fmt.Fprintf(a.stdout, "  the copy ran on %s while its memory was filled in there from the images that had arrived\n", r.To)
 	}
+	if len(r.Downtime) > 0 {
+		parts := make([]string, len(r.Downtime))
+		for i, p := range r.Downtime {
+			parts[i] = fmt.Sprintf("%s %.1f", p.Name, p.MS)
+		}
+		fmt.Fprintf(a.stdout, "  downtime (ms): %s\n", strings.Join(parts, ", "))
+	}
 	for i, rd := range r.Rounds {
 		fmt.Fprintf(a.stdout, "  pre-copy round %d: %d pages, %s in %.1f ms (workload stopped %.1f ms)\n", i+1, rd.Pages,
 			units.BytesSize(float64(rd.Bytes)), rd.MS, rd.FrozenMS)

@@ -83,6 +83,7 @@ Settings come from flags, then the config file (YAML, keys as the flags with
 	f.StringVar(&fc.StateDir, "state-dir", "/var/lib/duplex", "directory for workload records, logs and images")
 	f.StringVar(&fc.Socket, "socket", api.DefaultSocket, "unix socket duplexctl connects to")
 	f.StringVar(&fc.CRIU, "criu", "", "CRIU binary (default $"+checkpoint.EnvCRIUPath+", then "+checkpoint.DefaultCRIUPath+", then PATH)")
+	f.BoolVar(&fc.CRIUHardwareBreakpoints, "criu-hardware-breakpoints", false, "let CRIU stop the tree with hardware breakpoints (its default; in a VM each costs 10-20 ms of frozen time, so duplex makes CRIU step instead)")
 	f.StringVar(&fc.CgroupParent, "cgroup-parent", "duplex", "cgroup below which each workload gets its own")
 	f.StringVar(&fc.RunDir, "run-dir", "/run/duplex", "directory for transient migration images (tmpfs is best)")
 	f.StringVar(&fc.Name, "name", "", "this host's name in the cluster (default: the hostname)")
@@ -129,6 +130,9 @@ func merge(cmd *cobra.Command, fc, file *fileConfig) {
 	set("capacity", &fc.Capacity, file.Capacity)
 	if !cmd.Flags().Changed("no-controller") && file.NoController {
 		fc.NoController = true
+	}
+	if !cmd.Flags().Changed("criu-hardware-breakpoints") && file.CRIUHardwareBreakpoints {
+		fc.CRIUHardwareBreakpoints = true
 	}
 	fc.Controller, fc.Rejuvenate = file.Controller, file.Rejuvenate
 	if !cmd.Flags().Changed("sample-interval") && file.SampleEvery != nil {

@@ -35,6 +35,9 @@ type Config struct {
 	Socket       string `json:"socket"`
 	CRIU         string `json:"criu"`
 	CgroupParent string `json:"cgroup_parent"`
+	// CRIUHardwareBreakpoints lets CRIU use hardware breakpoints (see
+	// checkpoint.Engine.HardwareBreakpoints); off, dumps freeze for less in VMs.
+	CRIUHardwareBreakpoints bool `json:"criu_hardware_breakpoints"`
 	// RunDir holds transient migration images (tmpfs is best).
 	RunDir string `json:"run_dir"`
 
@@ -138,6 +141,7 @@ func Run(ctx context.Context, cfg Config, log *logrus.Entry) error {
 	defer lock.Close()
 
 	eng := checkpoint.New(cfg.CRIU)
+	eng.HardwareBreakpoints = cfg.CRIUHardwareBreakpoints
 	// Every dump, restore and lazy-pages daemon of a migration would otherwise probe
 	// the kernel again, inside the downtime.
 	if err := eng.EnsureKerndatCache(); err != nil {
