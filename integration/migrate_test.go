@@ -7,6 +7,8 @@ import (
 	"math"
 	"net/netip"
 	"os"
+	"regexp"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -211,9 +213,17 @@ func keepsClientConnection(t *testing.T, strategy string) {
 	vip := c.VIP(0)
 	runEcho(t, h0, vip, 10*time.Second)
 	s := streamTo(t, client, vip, 256<<10, 4096, 64<<10)
+	// A second client sends one small request at a time and waits for its answer.
+	rctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	rq, err := harness.StartRequests(rctx, client, netip.AddrPortFrom(vip.Addr(), 9000), 64, 5*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if mac := neighbourMAC(t, client, vip.Addr()); mac != h0.Node.MAC.String() {
 		t.Fatalf("client resolves the VIP to %s before migration, want h0's %s", mac, h0.Node.MAC)
 	}
+	testutil.Eventually(t, 5*time.Second, "answers to requests", func() bool { return rq.Stats().BytesVerified > 64*20 })
 
 	out := must(t, h0, "migrate", "echo", "--to", "h1", "--strategy", strategy)
 	if !strings.Contains(out, strategy) {
@@ -230,12 +240,43 @@ func keepsClientConnection(t *testing.T, strategy string) {
 	if st.Err != nil {
 		t.Fatalf("client stream broke: %v", st.Err)
 	}
+	// The streaming client kept sending while the workload was frozen: its packets
+	// were held on h0 and replayed on h1.
+	m := regexp.MustCompile(`(\d+) packets sent to it while it was frozen were held and (\d+) replayed on h1`).FindStringSubmatch(out)
+	if m == nil || m[1] == "0" || m[2] == "0" {
+		t.Errorf("no packets held and replayed:\n%s", out)
+	}
+	rs := rq.Stop()
+	t.Logf("requests: %+v", rs)
+	if rs.Err != nil {
+		t.Errorf("request client broke: %v", rs.Err)
+	}
+	// A request lost in the freeze and not replayed would wait for its sender's
+	// retransmission: at least 200 ms after it was sent. Replayed, it waits for the
+	// rest of the downtime (and the replay's own round trip).
+	if dt := downtimeIn(t, out); rs.MaxLatency > dt+100*time.Millisecond {
+		t.Errorf("a request waited %s for its answer; the downtime was %s", rs.MaxLatency, dt)
+	}
 	if mac := neighbourMAC(t, client, vip.Addr()); mac != h1.Node.MAC.String() {
 		t.Errorf("client resolves the VIP to %s after migration, want h1's %s", mac, h1.Node.MAC)
 	}
 	if r, _ := recordOn(t, h1, "echo"); r.State != workload.Running {
 		t.Errorf("echo on h1: %s", r.State)
 	}
+}
+
+// downtimeIn reads the downtime from a migrate summary's table.
+func downtimeIn(t *testing.T, out string) time.Duration {
+	t.Helper()
+	m := regexp.MustCompile(`\s([\d.]+) ms\s+([\d.]+) ms\s`).FindStringSubmatch(out)
+	if m == nil {
+		t.Fatalf("no downtime in the summary:\n%s", out)
+	}
+	f, err := strconv.ParseFloat(m[2], 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return time.Duration(f * float64(time.Millisecond))
 }
 
 func TestMigrateRefusalsAndRollback(t *testing.T) {

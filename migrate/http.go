@@ -69,6 +69,17 @@ func Handler(t *Target) http.Handler {
 		resp, err := t.Restore(context.WithoutCancel(r.Context()), r.PathValue("id"))
 		reply(w, t, resp, err)
 	})
+	mux.HandleFunc("POST "+agentPrefix+"/migrations/{id}/replay", func(w http.ResponseWriter, r *http.Request) {
+		pkts, err := decodePackets(io.LimitReader(r.Body, maxReplayBytes+4*maxReplayPackets+4))
+		if err != nil {
+			reply(w, t, nil, fmt.Errorf("replay for %s: %w", r.PathValue("id"), err))
+			return
+		}
+		n, err := t.Replay(r.Context(), r.PathValue("id"), pkts)
+		reply(w, t, struct {
+			Replayed int `json:"replayed"`
+		}{n}, err)
+	})
 	mux.HandleFunc("POST "+agentPrefix+"/migrations/{id}/commit", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, t, struct{}{}, t.Commit(r.Context(), r.PathValue("id")))
 	})

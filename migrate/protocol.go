@@ -38,6 +38,9 @@ type Destination interface {
 	// Restore brings the service addresses up, restores the workload, and then
 	// announces the addresses. A failure it cleaned up after is ErrRestoreFailed.
 	Restore(ctx context.Context, id string) (RestoreResponse, error)
+	// Replay hands packets held on the source while the workload was frozen to the
+	// destination's stack, once the restored copy runs (see PacketHolder).
+	Replay(ctx context.Context, id string, pkts [][]byte) (int, error)
 	// Commit tells the destination the source is gone: the migration is over.
 	Commit(ctx context.Context, id string) error
 	// Abort undoes everything the destination did for the migration, including a

@@ -52,6 +52,9 @@ type Request struct {
 	Workload string
 	To       string // the destination host's name, for records and messages
 	Strategy Strategy
+	// NoReplay leaves the packets that arrive while the workload is frozen to
+	// their senders' retransmission instead of holding and replaying them.
+	NoReplay bool
 }
 
 // Phases of a migration, in order, as Progress reports them.
@@ -103,6 +106,11 @@ type Result struct {
 	LazyRestore bool `json:"lazy_restore,omitempty"`
 	// Rounds are pre-copy's pre-dump rounds, before the freeze.
 	Rounds []Round `json:"rounds,omitempty"`
+	// Held counts the packets for the service addresses that arrived at the source
+	// between the freeze and the handover; Replayed those the destination's stack
+	// took afterwards (see PacketHolder).
+	Held     int `json:"held,omitempty"`
+	Replayed int `json:"replayed,omitempty"`
 	// Downtime splits DowntimeMS into its steps, in order (see Part).
 	Downtime []Part `json:"downtime,omitempty"`
 	// Phases holds each phase's duration in milliseconds.
@@ -241,6 +249,11 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 	// CRIU dumps it; post-copy leaves it here, served to the destination on demand
 	// once the copy runs there.
 	report(PhaseFreeze, res.PageBytes, fmt.Sprintf("strategy %s, %d MiB resident", strategy, mem>>20))
+	held := &holding{done: true}
+	if !req.NoReplay {
+		held = s.hold(rec, log)
+	}
+	defer held.drop()
 	freeze := time.Now()
 	seize := checkpoint.WatchSeize(rec.Pid)
 	defer seize.Seized()
@@ -339,6 +352,9 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 				errs = append(errs, errors.New("the lazy dump did not end"))
 			}
 		}
+		if n := held.replay(s.VIPs); n > 0 {
+			log.WithField("packets", n).Info("replayed the packets held during the freeze to the resumed source")
+		}
 		log.WithError(cause).Warn("migration rolled back; workload resumed on the source")
 		if len(errs) > 0 {
 			return nil, fmt.Errorf("migrate %s: %w; rollback: %w", rec.Name, cause, errors.Join(errs...))
@@ -401,6 +417,7 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 		freeze = freeze.Add(off)
 	}
 	restored := time.Now()
+	res.Held, res.Replayed = held.send(ctx, dst, res.ID, log)
 	res.DowntimeMS = ms(restored.Sub(freeze))
 	res.Downtime = downtimeParts(freeze, dumpEnd, imagesEnd, released, restored, rr)
 	res.RestoreMS = rr.RestoreWallMS
@@ -562,6 +579,65 @@ func downtimeParts(freeze, dumpEnd, imagesEnd, released, restored time.Time, rr 
 	}
 	return parts
 }
+
+// holding is the capture of packets that arrive for a workload's addresses while
+// it is frozen (see PacketHolder); its methods do nothing when there is none.
+type holding struct {
+	h    HeldPackets
+	pkts [][]byte
+	done bool
+}
+
+// hold starts holding packets for rec's addresses where the host can.
+func (s *Source) hold(rec workload.Record, log *logrus.Entry) *holding {
+	ph, ok := s.VIPs.(PacketHolder)
+	if !ok || len(rec.VIPs) == 0 {
+		return &holding{done: true}
+	}
+	h, err := ph.Hold(rec.VIPs)
+	if err != nil {
+		log.WithError(err).Warn("cannot hold the packets clients send during the freeze; they will be resent by their TCP")
+		return &holding{done: true}
+	}
+	return &holding{h: h}
+}
+
+func (h *holding) stop() [][]byte {
+	if !h.done {
+		h.done = true
+		h.pkts, _, _ = h.h.Stop()
+	}
+	return h.pkts
+}
+
+// send ends the capture and has the destination replay what it held.
+func (h *holding) send(ctx context.Context, dst Destination, id string, log *logrus.Entry) (held, replayed int) {
+	pkts := h.stop()
+	h.pkts = nil // taken: not to be replayed here as well
+	if len(pkts) == 0 {
+		return 0, 0
+	}
+	n, err := dst.Replay(ctx, id, pkts)
+	if err != nil {
+		log.WithError(err).Warn("replaying the packets held during the freeze; their senders will resend them")
+	}
+	return len(pkts), n
+}
+
+// replay ends the capture and hands what it held to this host's stack (rollback).
+func (h *holding) replay(vips workload.VIPController) int {
+	pkts := h.stop()
+	h.pkts = nil
+	r, ok := vips.(PacketReplayer)
+	if !ok || len(pkts) == 0 {
+		return 0
+	}
+	n, _ := r.Replay(pkts)
+	return n
+}
+
+// drop ends the capture, forgetting whatever it held.
+func (h *holding) drop() { h.stop() }
 
 type dumpResult struct {
 	st  *checkpoint.DumpStats

@@ -39,7 +39,10 @@ type Row struct {
 	// service address answering.
 	DowntimeMS float64 `json:"downtime_ms"`
 	// GapMS: the longest pause a streaming client saw.
-	GapMS      float64 `json:"client_gap_ms"`
+	GapMS float64 `json:"client_gap_ms"`
+	// RequestMS: the longest a client sending one small request at a time waited
+	// for an answer (a request lost while frozen waits for TCP's retransmission).
+	RequestMS  float64 `json:"request_gap_ms"`
 	FrozenMS   float64 `json:"frozen_ms"` // CRIU's dump statistics
 	TotalMS    float64 `json:"total_ms"`
 	Bytes      int64   `json:"bytes_moved"`
@@ -68,7 +71,7 @@ func main() {
 	echo := flag.String("echoserver", "bin/echoserver", "echo server binary")
 	sizes := flag.String("sizes", "64,512,2048", "workload sizes in MiB")
 	dirty := flag.String("dirty", "0,20", "dirtying rates in MiB/s")
-	methods := flag.String("methods", "baseline,stopcopy,postcopy,precopy", "what to measure: baseline and duplex strategies")
+	methods := flag.String("methods", "baseline,stopcopy,postcopy,postcopy-noreplay,precopy", "what to measure: baseline and duplex strategies (STRATEGY-noreplay: without replaying the packets that reach the frozen workload)")
 	out := flag.String("out", "bench.json", "where to write the figures as JSON")
 	flag.Parse()
 	rows, err := run(*duplexd, *duplexctl, *echo, ints(*sizes), ints(*dirty), strings.Split(*methods, ","))
@@ -154,7 +157,8 @@ func run(duplexd, duplexctl, echo string, sizes, dirty []int, methods []string) 
 	// A strategy this kernel cannot run is reported once, not measured.
 	var usable []string
 	for _, m := range methods {
-		f := map[string]string{string(migrate.PreCopy): checkpoint.FeatureMemDirtyTrack, string(migrate.PostCopy): checkpoint.FeatureUFFDNonCoop}[m]
+		strategy, _ := strings.CutSuffix(m, "-noreplay")
+		f := map[string]string{string(migrate.PreCopy): checkpoint.FeatureMemDirtyTrack, string(migrate.PostCopy): checkpoint.FeatureUFFDNonCoop}[strategy]
 		if ok, _ := checkpoint.New(b.criu).HasFeature(ctx, f); f != "" && !ok {
 			fmt.Fprintf(os.Stderr, "bench: %s unavailable here (CRIU lacks %s); not measured\n", m, f)
 			rows = append(rows, Row{Method: m, Err: "unavailable on this kernel: CRIU lacks " + f})
@@ -219,12 +223,19 @@ func (b *bench) one(ctx context.Context, size, dirty int, method string) (row Ro
 	if err != nil {
 		return fail(err)
 	}
+	rq, err := harness.StartRequests(ctx, client, addr, 256, 10*time.Millisecond)
+	if err != nil {
+		s.Stop()
+		return fail(err)
+	}
 	time.Sleep(b.settleFor)
 	if st := s.Stats(); st.Err != nil || st.BytesVerified == 0 {
 		s.Stop()
+		rq.Stop()
 		return fail(fmt.Errorf("stream before migration: %+v", st))
 	}
 	gapBefore := s.Stats().MaxGap
+	reqBefore := rq.Stats().MaxLatency
 
 	if method == "baseline" {
 		var cleanup func()
@@ -247,8 +258,12 @@ func (b *bench) one(ctx context.Context, size, dirty int, method string) (row Ro
 	if st.MaxGap < gapBefore {
 		row.GapMS = ms(gapBefore)
 	}
+	rst := rq.StopWithin(10 * time.Second)
+	row.RequestMS = ms(max(rst.MaxLatency, reqBefore))
 	if st.Err != nil {
 		row.ClientErr = st.Err.Error()
+	} else if rst.Err != nil {
+		row.ClientErr = "requests: " + rst.Err.Error()
 	}
 	if err != nil {
 		return fail(err)
@@ -258,8 +273,15 @@ func (b *bench) one(ctx context.Context, size, dirty int, method string) (row Ro
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
-func (b *bench) duplex(ctx context.Context, name, strategy string, row *Row) error {
-	out, err := b.d.Hosts[0].Ctl(ctx, "migrate", name, "--to", "h1", "--strategy", strategy, "-o", "json")
+func (b *bench) duplex(ctx context.Context, name, method string, row *Row) error {
+	// METHOD-noreplay: the strategy without holding and replaying the packets that
+	// reach the frozen workload (the request column shows what that costs).
+	strategy, noReplay := strings.CutSuffix(method, "-noreplay")
+	args := []string{"migrate", name, "--to", "h1", "--strategy", strategy, "-o", "json"}
+	if noReplay {
+		args = append(args, "--no-replay")
+	}
+	out, err := b.d.Hosts[0].Ctl(ctx, args...)
 	if err != nil {
 		return err
 	}
@@ -371,7 +393,7 @@ func printTable(rows []Row) {
 		}
 	}
 	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "size\tdirty\tmethod\tdowntime ms\tvs baseline\tclient gap ms\tfrozen ms\ttotal ms\tmoved MiB\tVIP move ms\tclient\t")
+	fmt.Fprintln(tw, "size\tdirty\tmethod\tdowntime ms\tvs baseline\tclient gap ms\trequest gap ms\tfrozen ms\ttotal ms\tmoved MiB\tVIP move ms\tclient\t")
 	for _, r := range rows {
 		ratio := "-"
 		if bl, ok := base[[2]int{r.SizeMiB, r.DirtyMiB}]; ok && r.Method != "baseline" && r.DowntimeMS > 0 {
@@ -382,15 +404,15 @@ func printTable(rows []Row) {
 			client = "BROKEN"
 		}
 		if r.Err != "" && r.SizeMiB == 0 {
-			fmt.Fprintf(tw, "all\t-\t%s\t%s\t\t\t\t\t\t\t\t\n", r.Method, r.Err)
+			fmt.Fprintf(tw, "all\t-\t%s\t%s\t\t\t\t\t\t\t\t\t\n", r.Method, r.Err)
 			continue
 		}
 		if r.Err != "" {
-			fmt.Fprintf(tw, "%d MiB\t%d MiB/s\t%s\tfailed: %s\t\t\t\t\t\t\t\t\n", r.SizeMiB, r.DirtyMiB, r.Method, r.Err)
+			fmt.Fprintf(tw, "%d MiB\t%d MiB/s\t%s\tfailed: %s\t\t\t\t\t\t\t\t\t\n", r.SizeMiB, r.DirtyMiB, r.Method, r.Err)
 			continue
 		}
-		fmt.Fprintf(tw, "%d MiB\t%d MiB/s\t%s\t%.0f\t%s\t%.0f\t%.0f\t%.0f\t%.1f\t%.2f\t%s\t\n",
-			r.SizeMiB, r.DirtyMiB, r.Method, r.DowntimeMS, ratio, r.GapMS, r.FrozenMS, r.TotalMS, float64(r.Bytes)/(1<<20), r.AnnounceMS, client)
+		fmt.Fprintf(tw, "%d MiB\t%d MiB/s\t%s\t%.0f\t%s\t%.0f\t%.0f\t%.0f\t%.0f\t%.1f\t%.2f\t%s\t\n",
+			r.SizeMiB, r.DirtyMiB, r.Method, r.DowntimeMS, ratio, r.GapMS, r.RequestMS, r.FrozenMS, r.TotalMS, float64(r.Bytes)/(1<<20), r.AnnounceMS, client)
 	}
 	tw.Flush()
 

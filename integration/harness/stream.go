@@ -29,9 +29,11 @@ type StreamStats struct {
 	BytesVerified int64         // bytes echoed back and found equal to those sent
 	Checksum      uint32        // CRC-32 (IEEE) of the verified bytes
 	MaxGap        time.Duration // longest wait between successive echoes (includes the pacing interval chunk/rate)
-	Elapsed       time.Duration // since the connection was established
-	Err           error         // first failure: a read or write error (reset, EOF), ErrStreamMismatch, ErrStreamIncomplete
-	Reconnects    int           // always 0: a Stream never reconnects, a broken connection is an Err
+	// MaxLatency is, for StartRequests, the longest a request waited for its answer.
+	MaxLatency time.Duration
+	Elapsed    time.Duration // since the connection was established
+	Err        error         // first failure: a read or write error (reset, EOF), ErrStreamMismatch, ErrStreamIncomplete
+	Reconnects int           // always 0: a Stream never reconnects, a broken connection is an Err
 }
 
 // Stream keeps one TCP connection from inside a client node to an echo server, sends
@@ -45,6 +47,9 @@ type Stream struct {
 	rate  int
 	chunk int
 	start time.Time
+	// requests: send one chunk, wait for all of it to come back, then the next.
+	requests bool
+	answered chan struct{} // requests: the reader signals a complete answer
 
 	mu       sync.Mutex
 	st       StreamStats
@@ -63,6 +68,22 @@ type Stream struct {
 // namespace. The stream runs until Stop, a failure, or ctx ends (which stops it as
 // Stop does).
 func StartStream(ctx context.Context, client *Node, addr netip.AddrPort, rate, chunk int) (*Stream, error) {
+	return start(ctx, client, addr, rate, chunk, false)
+}
+
+// StartRequests is StartStream for a client that sends a request of size bytes every
+// interval and waits for its whole answer before it sends the next: with nothing else
+// in flight, a request lost while the server is frozen waits for TCP's retransmission
+// timeout, which a streaming client's next segment would cut short. MaxLatency in its
+// stats is the longest wait for an answer.
+func StartRequests(ctx context.Context, client *Node, addr netip.AddrPort, size int, interval time.Duration) (*Stream, error) {
+	if interval <= 0 {
+		return nil, fmt.Errorf("requests to %s: interval %s must be positive", addr, interval)
+	}
+	return start(ctx, client, addr, int(int64(size)*int64(time.Second)/int64(interval)), size, true)
+}
+
+func start(ctx context.Context, client *Node, addr netip.AddrPort, rate, chunk int, requests bool) (*Stream, error) {
 	if rate <= 0 || chunk <= 0 {
 		return nil, fmt.Errorf("stream to %s: rate %d and chunk %d must be positive", addr, rate, chunk)
 	}
@@ -88,6 +109,7 @@ func StartStream(ctx context.Context, client *Node, addr netip.AddrPort, rate, c
 		Client: client, Addr: addr, conn: conn, rate: rate, chunk: chunk,
 		start: now, lastEcho: now,
 		stopWrite: make(chan struct{}), stopped: make(chan struct{}),
+		requests: requests, answered: make(chan struct{}, 1),
 	}
 	s.wg.Add(2)
 	go s.write()
@@ -205,12 +227,25 @@ func (s *Stream) write() {
 			s.mu.Lock()
 			s.st.BytesSent += int64(len(buf))
 			s.mu.Unlock()
+			sent := time.Now()
 			if _, err := s.conn.Write(buf); err != nil {
 				s.fail(fmt.Errorf("write at byte %d: %w", off, err))
 				return
 			}
 			off += int64(len(buf))
 			allowance -= float64(s.chunk)
+			if s.requests {
+				select {
+				case <-s.stopWrite:
+					return
+				case <-s.answered:
+				}
+				s.mu.Lock()
+				s.st.MaxLatency = max(s.st.MaxLatency, time.Since(sent))
+				s.mu.Unlock()
+				allowance = 0 // the next request waits for its turn
+				last = time.Now()
+			}
 		}
 		select {
 		case <-s.stopWrite:
@@ -246,7 +281,14 @@ func (s *Stream) read() {
 				s.st.BytesVerified += int64(good)
 				s.st.Checksum = crc
 			}
+			complete := s.st.BytesVerified == sent
 			s.mu.Unlock()
+			if complete && s.requests {
+				select {
+				case s.answered <- struct{}{}:
+				default:
+				}
+			}
 			switch {
 			case over:
 				s.fail(fmt.Errorf("%w: %d bytes echoed, %d sent", ErrStreamMismatch, off+int64(good), sent))

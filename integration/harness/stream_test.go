@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -118,5 +119,47 @@ func TestPatternHasNoShortPeriod(t *testing.T) {
 		if same > 100 {
 			t.Errorf("pattern repeats with period %d at %d of 4096 offsets", p, same)
 		}
+	}
+}
+
+// A request client keeps one request in flight: a server that answers each after
+// 30 ms shows as a 30 ms latency, and a stalled answer as a longer one.
+func TestRequests(t *testing.T) {
+	testutil.RequiresRoot(t)
+	var stall atomic.Bool
+	addr := loopbackServer(t, func(c net.Conn) {
+		buf := make([]byte, 512)
+		for {
+			if _, err := io.ReadFull(c, buf); err != nil {
+				return
+			}
+			d := 30 * time.Millisecond
+			if stall.Swap(false) {
+				d = 250 * time.Millisecond
+			}
+			time.Sleep(d)
+			if _, err := c.Write(buf); err != nil {
+				return
+			}
+		}
+	})
+	s, err := harness.StartRequests(context.Background(), self, addr, 512, 10*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Stop()
+	testutil.Eventually(t, 3*time.Second, "5 answers", func() bool { return s.Stats().BytesVerified >= 5*512 })
+	st := s.Stats()
+	if st.MaxLatency < 30*time.Millisecond || st.MaxLatency > 150*time.Millisecond {
+		t.Errorf("max latency %s for answers taking 30 ms", st.MaxLatency)
+	}
+	if st.BytesSent > st.BytesVerified+512 {
+		t.Errorf("%d bytes sent, %d answered: more than one request in flight", st.BytesSent, st.BytesVerified)
+	}
+	stall.Store(true)
+	n := st.BytesVerified
+	testutil.Eventually(t, 3*time.Second, "the stalled answer and two more", func() bool { return s.Stats().BytesVerified >= n+3*512 })
+	if st := s.Stop(); st.Err != nil || st.MaxLatency < 250*time.Millisecond {
+		t.Errorf("after a 250 ms stall: %+v", st)
 	}
 }

@@ -124,13 +124,17 @@ type RestoreResponse struct {
 type MigrateRequest struct {
 	To       string `json:"to"`
 	Strategy string `json:"strategy,omitempty"` // auto (default), precopy, postcopy, stopcopy
+	// NoReplay drops the packets that reach the workload while it is frozen (their
+	// senders' TCP resends them) instead of replaying them on the destination.
+	NoReplay bool `json:"no_replay,omitempty"`
 }
 
 // MigrateAllRequest asks to move every running workload of this host.
 type MigrateAllRequest struct {
 	To       string `json:"to"`
 	Strategy string `json:"strategy,omitempty"`
-	Parallel int    `json:"parallel,omitempty"` // migrations at once; 0 means 2
+	Parallel int    `json:"parallel,omitempty"`  // migrations at once; 0 means 2
+	NoReplay bool   `json:"no_replay,omitempty"` // see MigrateRequest
 }
 
 // MigrateEvent is one line of a migration's progress stream: progress, or at the

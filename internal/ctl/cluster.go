@@ -97,7 +97,7 @@ func orDash(s string) string {
 
 func (a *app) migrateCmd() *cobra.Command {
 	var to, strategy, from string
-	var all bool
+	var all, noReplay bool
 	var parallel int
 	cmd := &cobra.Command{
 		Use:   "migrate (NAME | --all) --to HOST",
@@ -110,6 +110,10 @@ everything to HOST), precopy (copy memory while it runs; needs dirty-memory
 tracking on both hosts), postcopy (run on HOST at once, memory follows; needs
 userfaultfd). A forced strategy a host cannot run is refused before anything is
 frozen. On any failure before the copy runs on HOST, the workload resumes here.
+
+Packets that reach the workload while it is frozen are held and replayed on HOST
+once the copy runs there, so a client waiting for an answer does not wait for
+its TCP retransmission timeout (200 ms or more); --no-replay turns this off.
 
 With --all every running workload of this host moves, --parallel at a time; the
 command talks to the local daemon, so --from, if given, must name this host.`,
@@ -126,13 +130,13 @@ command talks to the local daemon, so --from, if given, must name this host.`,
 				if len(args) > 0 {
 					return fmt.Errorf("give a workload name or --all, not both")
 				}
-				return a.migrateAll(cmd, from, to, strategy, parallel)
+				return a.migrateAll(cmd, from, to, strategy, parallel, noReplay)
 			}
 			if len(args) != 1 {
 				return fmt.Errorf("usage: duplexctl migrate NAME --to HOST (or --all)")
 			}
 			bar := newProgressBar(a.stderr, !a.json())
-			res, err := a.client().Migrate(ctxOf(cmd), args[0], api.MigrateRequest{To: to, Strategy: strategy}, bar.update)
+			res, err := a.client().Migrate(ctxOf(cmd), args[0], api.MigrateRequest{To: to, Strategy: strategy, NoReplay: noReplay}, bar.update)
 			bar.done()
 			if err != nil {
 				return err
@@ -147,12 +151,13 @@ command talks to the local daemon, so --from, if given, must name this host.`,
 	cmd.Flags().StringVar(&to, "to", "", "destination host (see 'duplexctl hosts')")
 	cmd.Flags().StringVar(&strategy, "strategy", "auto", "auto, stopcopy, precopy or postcopy")
 	cmd.Flags().BoolVar(&all, "all", false, "move every running workload of this host")
+	cmd.Flags().BoolVar(&noReplay, "no-replay", false, "drop the packets that reach the workload while it is frozen (their senders resend them after their TCP timeout) instead of replaying them on HOST")
 	cmd.Flags().StringVar(&from, "from", "", "with --all: the source host, which must be this daemon's host")
 	cmd.Flags().IntVar(&parallel, "parallel", 2, "with --all: migrations at once")
 	return cmd
 }
 
-func (a *app) migrateAll(cmd *cobra.Command, from, to, strategy string, parallel int) error {
+func (a *app) migrateAll(cmd *cobra.Command, from, to, strategy string, parallel int, noReplay bool) error {
 	c := a.client()
 	info, err := c.Info(ctxOf(cmd))
 	if err != nil {
@@ -162,7 +167,7 @@ func (a *app) migrateAll(cmd *cobra.Command, from, to, strategy string, parallel
 		return fmt.Errorf("--from %s: this duplexd is %s; run the command on %s (or point --socket at its daemon)", from, info.Name, from)
 	}
 	last := map[string]string{}
-	res, err := c.MigrateAll(ctxOf(cmd), api.MigrateAllRequest{To: to, Strategy: strategy, Parallel: parallel}, func(p migrate.Progress) {
+	res, err := c.MigrateAll(ctxOf(cmd), api.MigrateAllRequest{To: to, Strategy: strategy, Parallel: parallel, NoReplay: noReplay}, func(p migrate.Progress) {
 		if a.json() || last[p.Workload] == p.Phase {
 			return
 		}
@@ -204,6 +209,9 @@ func (a *app) printResult(r *migrate.Result) {
 	_ = tw.Flush()
 	if r.LazyRestore && r.Strategy != migrate.PostCopy {
 		fmt.Fprintf(a.stdout, "  the copy ran on %s while its memory was filled in there from the images that had arrived\n", r.To)
+	}
+	if r.Held > 0 {
+		fmt.Fprintf(a.stdout, "  %d packets sent to it while it was frozen were held and %d replayed on %s\n", r.Held, r.Replayed, r.To)
 	}
 	if len(r.Downtime) > 0 {
 		parts := make([]string, len(r.Downtime))

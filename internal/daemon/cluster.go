@@ -43,6 +43,22 @@ func (v *vipController) Add(ctx context.Context, s string) error {
 	return v.m.Add(ctx, vip)
 }
 
+// Hold keeps copies of the packets arriving for the addresses (migrate.PacketHolder).
+func (v *vipController) Hold(vips []string) (migrate.HeldPackets, error) {
+	parsed := make([]netfail.VIP, 0, len(vips))
+	for _, s := range vips {
+		vip, err := v.parse(s)
+		if err != nil {
+			return nil, err
+		}
+		parsed = append(parsed, vip)
+	}
+	return v.m.Hold(parsed)
+}
+
+// Replay hands held packets to this host's stack (migrate.PacketReplayer).
+func (v *vipController) Replay(pkts [][]byte) (int, error) { return v.m.Replay(pkts) }
+
 func (v *vipController) Remove(ctx context.Context, s string) error {
 	vip, err := v.parse(s)
 	if err != nil {

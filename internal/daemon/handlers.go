@@ -404,7 +404,7 @@ func (d *Daemon) migrate(w http.ResponseWriter, r *http.Request) {
 
 	send := eventStream(w)
 	// A migration runs to its end (commit or rollback) even if the client leaves.
-	res, err := d.cluster.source.Migrate(context.WithoutCancel(r.Context()), dst, migrate.Request{Workload: name, To: req.To, Strategy: strategy},
+	res, err := d.cluster.source.Migrate(context.WithoutCancel(r.Context()), dst, migrate.Request{Workload: name, To: req.To, Strategy: strategy, NoReplay: req.NoReplay},
 		func(p migrate.Progress) { send(api.MigrateEvent{Progress: &p}) })
 	if err != nil {
 		send(api.MigrateEvent{Error: err.Error()})
@@ -465,7 +465,7 @@ func (d *Daemon) migrateAll(w http.ResponseWriter, r *http.Request) {
 		go func(name string) {
 			defer wg.Done()
 			defer func() { <-sem }()
-			res, err := d.cluster.source.Migrate(ctx, dst, migrate.Request{Workload: name, To: req.To, Strategy: strategy},
+			res, err := d.cluster.source.Migrate(ctx, dst, migrate.Request{Workload: name, To: req.To, Strategy: strategy, NoReplay: req.NoReplay},
 				func(p migrate.Progress) { send(api.MigrateEvent{Progress: &p}) })
 			if err != nil {
 				send(api.MigrateEvent{Workload: name, Error: err.Error()})
