@@ -37,9 +37,12 @@ func TestRestorerStartedAhead(t *testing.T) {
 	if placedPid <= 0 || procState(placedPid) == 0 {
 		t.Fatalf("place saw pid %d, which does not run", placedPid)
 	}
-	if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", placedPid)); !strings.Contains(string(b), "swrk") {
-		t.Fatalf("placed pid %d is not a CRIU swrk: %q", placedPid, b)
-	}
+	// (CRIU may still be on its way through the wrapper's exec: while a process
+	// execs, its command line reads empty.)
+	testutil.Eventually(t, 2*time.Second, fmt.Sprintf("placed pid %d to be a CRIU swrk", placedPid), func() bool {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", placedPid))
+		return strings.Contains(string(b), "swrk")
+	})
 	res, err := eng.Restore(ctx, checkpoint.RestoreOptions{ImagesDir: dir, ManageCgroups: true, Restorer: r,
 		Place: func(int) error { t.Error("Place called although the restorer was placed"); return nil }})
 	if err != nil {
