@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -57,10 +58,35 @@ func serve(t *testing.T, p *pair, f pki.Files) string {
 	return srv.Listener.Addr().String()
 }
 
+type servedKey struct{}
+
 func TestMigrateOverMutualTLS(t *testing.T) {
 	p := newPair(t)
 	fa, fb, _ := certs(t)
-	addr := serve(t, p, fb)
+	// The image stream, sent while the workload is frozen, must not wait for a TLS
+	// handshake: its connection has served a request before.
+	h := migrate.Handler(p.dst)
+	var imagesOnFreshConn atomic.Bool
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		served := r.Context().Value(servedKey{}).(*atomic.Int32)
+		if strings.HasSuffix(r.URL.Path, "/images") && served.Load() == 0 {
+			imagesOnFreshConn.Store(true)
+		}
+		served.Add(1)
+		h.ServeHTTP(w, r)
+	}))
+	srv.Config.ConnContext = func(ctx context.Context, _ net.Conn) context.Context {
+		return context.WithValue(ctx, servedKey{}, new(atomic.Int32))
+	}
+	srv.TLS = tlsConf(t, fb)
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	addr := srv.Listener.Addr().String()
+	defer func() {
+		if imagesOnFreshConn.Load() {
+			t.Error("the images went over a new connection: a TLS handshake inside the downtime")
+		}
+	}()
 	rec := p.run(t, "counter", "counter")
 	growing(t, rec.Stdout, "counting on a")
 
@@ -140,3 +166,34 @@ func TestPageServerRequiresClusterCertificate(t *testing.T) {
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }
+
+// Successive requests share one connection: each new one would cost a TLS
+// handshake, several milliseconds of the downtime when it falls after the freeze.
+func TestAgentReusesConnections(t *testing.T) {
+	p := newPair(t)
+	fa, fb, _ := certs(t)
+	srv := httptest.NewUnstartedServer(migrate.Handler(p.dst))
+	srv.TLS = tlsConf(t, fb)
+	var conns atomic.Int32
+	srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			conns.Add(1)
+		}
+	}
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	c := migrate.NewClient(srv.Listener.Addr().String(), tlsConf(t, fa))
+	defer c.Close()
+	ctx := context.Background()
+	for range 3 {
+		if _, err := c.Capabilities(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Commit(ctx, "no-such-migration"); !errors.Is(err, migrate.ErrNoMigration) {
+			t.Fatalf("commit of an unknown migration: %v", err)
+		}
+	}
+	if n := conns.Load(); n != 1 {
+		t.Errorf("6 requests opened %d connections, want 1", n)
+	}
+}
