@@ -68,26 +68,41 @@ func (m *Manager) Hold(vips []VIP) (*Held, error) {
 			h.Stop()
 			return nil, fmt.Errorf("hold packets on %s: %w", name, err)
 		}
-		var fd int
-		err = inNetns(m.ns, func() error {
-			var err error
-			fd, err = packetSocket(link.Attrs().Index, prog)
-			return err
-		})
-		if err != nil {
-			h.Stop()
-			return nil, fmt.Errorf("hold packets on %s in netns %s: %w", name, m.nsName, err)
+		// One socket per family present, bound to that protocol rather than to all:
+		// a socket for all protocols also taps every packet the host sends (the
+		// page channel's gigabytes among them); one for a protocol sees only what
+		// arrives.
+		families := map[uint16]bool{}
+		for _, a := range addrs {
+			if a.Unmap().Is4() {
+				families[unix.ETH_P_IP] = true
+			} else {
+				families[unix.ETH_P_IPV6] = true
+			}
 		}
-		h.fds = append(h.fds, fd)
-		h.wg.Add(1)
-		go h.read(fd)
+		for proto := range families {
+			var fd int
+			err = inNetns(m.ns, func() error {
+				var err error
+				fd, err = packetSocket(link.Attrs().Index, proto, prog)
+				return err
+			})
+			if err != nil {
+				h.Stop()
+				return nil, fmt.Errorf("hold packets on %s in netns %s: %w", name, m.nsName, err)
+			}
+			h.fds = append(h.fds, fd)
+			h.wg.Add(1)
+			go h.read(fd)
+		}
 	}
 	return h, nil
 }
 
-// packetSocket opens a cooked (network-layer) packet socket on the link with the
-// filter attached before it is bound, so that nothing unfiltered is ever queued.
-func packetSocket(ifindex int, prog []bpf.RawInstruction) (int, error) {
+// packetSocket opens a cooked (network-layer) packet socket for one protocol on the
+// link with the filter attached before it is bound, so that nothing unfiltered is
+// ever queued.
+func packetSocket(ifindex int, proto uint16, prog []bpf.RawInstruction) (int, error) {
 	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return -1, fmt.Errorf("packet socket: %w", err)
@@ -104,7 +119,7 @@ func packetSocket(ifindex int, prog []bpf.RawInstruction) (int, error) {
 	_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 8<<20)
 	// Wake the reader now and then, to see Stop.
 	_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Usec: 20000})
-	if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ALL), Ifindex: ifindex}); err != nil {
+	if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(proto), Ifindex: ifindex}); err != nil {
 		unix.Close(fd)
 		return -1, fmt.Errorf("bind packet socket: %w", err)
 	}
