@@ -386,16 +386,7 @@ func TestDestinationKilledMidway(t *testing.T) {
 	if r.State != workload.Running || r.Pid != before.Pid {
 		t.Fatalf("after the failed migration h0 has echo %s pid %d (was %d)", r.State, r.Pid, before.Pid)
 	}
-	n := s.Stats().BytesVerified
-	testutil.Eventually(t, 10*time.Second, "the stream to go on", func() bool { return s.Stats().BytesVerified > n+64<<10 })
-	st := s.Stop()
-	if st.Err != nil {
-		t.Fatalf("client stream broke: %v", st.Err)
-	}
-	t.Logf("stream: verified %d bytes, longest pause %s", st.BytesVerified, st.MaxGap)
-	if mac := neighbourMAC(t, client, vip.Addr()); mac != h0.Node.MAC.String() {
-		t.Errorf("client resolves the VIP to %s, want h0's %s", mac, h0.Node.MAC)
-	}
+	streamStayedOn(t, s, client, vip, h0)
 }
 
 // A restore that fails on the destination after the freeze (here: the service's
@@ -433,6 +424,13 @@ func TestRestoreFailsOnDestination(t *testing.T) {
 	if r, ok := recordOn(t, h1, "echo"); ok && (r.State == workload.Running || r.State == workload.Frozen) {
 		t.Fatalf("h1 kept a copy of echo: %s", r.State)
 	}
+	streamStayedOn(t, s, client, vip, h0)
+}
+
+// streamStayedOn checks, after a migration that rolled back, that the client's
+// stream goes on unbroken and that it still reaches the address at h.
+func streamStayedOn(t *testing.T, s *harness.Stream, client *harness.Node, vip netip.Prefix, h *harness.Daemon) {
+	t.Helper()
 	n := s.Stats().BytesVerified
 	testutil.Eventually(t, 10*time.Second, "the stream to go on", func() bool { return s.Stats().BytesVerified > n+64<<10 })
 	st := s.Stop()
@@ -440,7 +438,7 @@ func TestRestoreFailsOnDestination(t *testing.T) {
 		t.Fatalf("client stream broke: %v", st.Err)
 	}
 	t.Logf("stream: verified %d bytes, longest pause %s", st.BytesVerified, st.MaxGap)
-	if mac := neighbourMAC(t, client, vip.Addr()); mac != h0.Node.MAC.String() {
-		t.Errorf("client resolves the VIP to %s, want h0's %s", mac, h0.Node.MAC)
+	if mac := neighbourMAC(t, client, vip.Addr()); mac != h.Node.MAC.String() {
+		t.Errorf("client resolves the VIP to %s, want %s's %s", mac, h.Node.Name, h.Node.MAC)
 	}
 }

@@ -2,8 +2,6 @@ package integration
 
 import (
 	"context"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -22,23 +20,10 @@ import (
 // kernel, which has it. There they skip nothing: a missing feature would show as a
 // skip, which fails this test.
 func TestPreCopyBetweenHostsInGuest(t *testing.T) {
-	testutil.RequiresRoot(t)
-	if err := vmtest.Available(); err != nil {
-		if testutil.OnCI() {
-			t.Fatalf("%v (CI=true: 'make deps' must provide it)", err)
-		}
-		t.Skip(err)
-	}
+	requiresGuest(t)
 	dir := t.TempDir()
 	bin := filepath.Join(dir, "bin")
-	build := func(args ...string) {
-		cmd := exec.Command("go", args...)
-		cmd.Dir = testutil.ModuleRoot(t)
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("go %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-	}
+	build := func(args ...string) { goCmd(t, args...) }
 	// Stripped: the guest holds its files in memory and unpacks them under emulation.
 	build("test", "-c", "-ldflags=-s -w", "-o", filepath.Join(dir, "integration.test"), "./integration")
 	for _, pkg := range []string{"./cmd/duplexd", "./cmd/duplexctl", "./integration/harness/echoserver"} {

@@ -20,22 +20,9 @@ import (
 // final incremental dump, a lazy restore, and a workload that checks every page
 // of its memory afterwards) runs inside a VM guest booting Debian's 6.1 kernel.
 func TestPreCopyInGuest(t *testing.T) {
-	testutil.RequiresRoot(t)
-	if err := vmtest.Available(); err != nil {
-		if testutil.OnCI() {
-			t.Fatalf("%v (CI=true: 'make deps' must provide it)", err)
-		}
-		t.Skip(err)
-	}
+	requiresGuest(t)
 	dir := t.TempDir()
-	build := func(args ...string) {
-		cmd := exec.Command("go", args...)
-		cmd.Dir = testutil.ModuleRoot(t)
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("go %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-	}
+	build := func(args ...string) { goCmd(t, args...) }
 	build("test", "-c", "-o", filepath.Join(dir, "migrate.test"), "./migrate")
 	build("build", "-o", filepath.Join(dir, "bin", "testprog"), "./internal/testprog")
 
@@ -75,5 +62,28 @@ func TestPreCopyInGuest(t *testing.T) {
 	// It ran, not skipped: the rounds are in its log.
 	if !regexp.MustCompile(`pre-copy: [1-9]\d* rounds`).MatchString(res.Output) {
 		t.Errorf("no pre-copy rounds in the guest's output: the test did not really run")
+	}
+}
+
+// requiresGuest skips (fails, with CI=true) a test that needs a VM guest.
+func requiresGuest(t *testing.T) {
+	t.Helper()
+	testutil.RequiresRoot(t)
+	if err := vmtest.Available(); err != nil {
+		if testutil.OnCI() {
+			t.Fatalf("%v (CI=true: 'make deps' must provide it)", err)
+		}
+		t.Skip(err)
+	}
+}
+
+// goCmd runs the go tool in the module, statically linked (the guest has no libc).
+func goCmd(t *testing.T, args ...string) {
+	t.Helper()
+	cmd := exec.Command("go", args...)
+	cmd.Dir = testutil.ModuleRoot(t)
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
 }

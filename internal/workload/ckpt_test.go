@@ -212,19 +212,8 @@ func TestCheckpointBadInput(t *testing.T) {
 // A restore on another host lands in that host's cgroup for the workload, made
 // there with the workload's memory limit, not in the source's cgroup path.
 func TestRestoreIntoThisHostsCgroup(t *testing.T) {
-	eng := testutil.RequiresCRIU(t)
-	prog := testutil.Build(t, "./internal/testprog")
-	src := newManager(t, t.TempDir(), testutil.CgroupParent(t), eng)
-	dstParent := testutil.CgroupParent(t)
-	dst := newManager(t, t.TempDir(), dstParent, eng)
-	stopAll(t, src)
-	stopAll(t, dst)
+	src, dst, dstParent, rec := twoHostsWithCounter(t, "capped", 96<<20)
 	ctx := context.Background()
-	rec, err := src.Run(ctx, workload.Spec{Name: "capped", Args: []string{prog, "counter"}, MemoryLimit: 96 << 20})
-	if err != nil {
-		t.Fatal(err)
-	}
-	testutil.Eventually(t, 5*time.Second, "counter output", func() bool { return lastCount(t, rec.Stdout) >= 5 })
 	dir := t.TempDir()
 	if _, err := src.Checkpoint(ctx, "capped", workload.CheckpointOptions{Dir: dir}); err != nil {
 		t.Fatal(err)
@@ -256,19 +245,8 @@ func TestRestoreIntoThisHostsCgroup(t *testing.T) {
 // cgroup; one never used leaves nothing behind; a name already running here is
 // refused.
 func TestPreparedRestore(t *testing.T) {
-	eng := testutil.RequiresCRIU(t)
-	prog := testutil.Build(t, "./internal/testprog")
-	src := newManager(t, t.TempDir(), testutil.CgroupParent(t), eng)
-	dstParent := testutil.CgroupParent(t)
-	dst := newManager(t, t.TempDir(), dstParent, eng)
-	stopAll(t, src)
-	stopAll(t, dst)
+	src, dst, dstParent, rec := twoHostsWithCounter(t, "ahead", 80<<20)
 	ctx := context.Background()
-	rec, err := src.Run(ctx, workload.Spec{Name: "ahead", Args: []string{prog, "counter"}, MemoryLimit: 80 << 20})
-	if err != nil {
-		t.Fatal(err)
-	}
-	testutil.Eventually(t, 5*time.Second, "counter output", func() bool { return lastCount(t, rec.Stdout) >= 3 })
 	if _, err := src.PrepareRestore(rec); !errors.Is(err, workload.ErrExists) {
 		t.Errorf("preparing to restore a workload running here: %v, want ErrExists", err)
 	}
@@ -329,4 +307,24 @@ func TestPreparedRestore(t *testing.T) {
 	if _, err := os.Stat(never); !os.IsNotExist(err) {
 		t.Errorf("cgroup of an unused preparation still there: %v", err)
 	}
+}
+
+// twoHostsWithCounter makes a source and a destination manager (each its own state
+// directory and cgroup parent, as on two hosts) and runs a counter named name on
+// the source with the memory limit, once it counts.
+func twoHostsWithCounter(t *testing.T, name string, limit int64) (src, dst *workload.Manager, dstParent string, rec workload.Record) {
+	t.Helper()
+	eng := testutil.RequiresCRIU(t)
+	prog := testutil.Build(t, "./internal/testprog")
+	src = newManager(t, t.TempDir(), testutil.CgroupParent(t), eng)
+	dstParent = testutil.CgroupParent(t)
+	dst = newManager(t, t.TempDir(), dstParent, eng)
+	stopAll(t, src)
+	stopAll(t, dst)
+	rec, err := src.Run(context.Background(), workload.Spec{Name: name, Args: []string{prog, "counter"}, MemoryLimit: limit})
+	if err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, 5*time.Second, "counter output", func() bool { return lastCount(t, rec.Stdout) >= 3 })
+	return src, dst, dstParent, rec
 }
