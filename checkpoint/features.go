@@ -73,7 +73,17 @@ func (e *Engine) Check(ctx context.Context) (bool, string, error) {
 // Version is a CRIU release.
 type Version struct {
 	Major, Minor, Sub int
+	// GitID is the build's "GitID:" line, empty for a release build. CRIU built by
+	// 'make deps' with duplex's patches (contrib/criu) says "duplex-" and the id of
+	// the patch series.
+	GitID string
 }
+
+// DuplexPatched reports whether this CRIU carries duplex's patches, whose lazy dump
+// serves pages from the frozen tree instead of copying them while it is frozen.
+func (v Version) DuplexPatched() bool { return strings.HasPrefix(v.GitID, duplexGitID) }
+
+const duplexGitID = "duplex-"
 
 func (v Version) String() string {
 	if v.Sub == 0 {
@@ -87,7 +97,10 @@ func (v Version) AtLeast(major, minor int) bool {
 	return v.Major > major || (v.Major == major && v.Minor >= minor)
 }
 
-var versionRe = regexp.MustCompile(`Version:\s*(\d+)\.(\d+)(?:\.(\d+))?`)
+var (
+	versionRe = regexp.MustCompile(`Version:\s*(\d+)\.(\d+)(?:\.(\d+))?`)
+	gitIDRe   = regexp.MustCompile(`(?m)^GitID:\s*(\S+)`)
+)
 
 // Version runs `criu --version`.
 func (e *Engine) Version(ctx context.Context) (Version, error) {
@@ -95,8 +108,16 @@ func (e *Engine) Version(ctx context.Context) (Version, error) {
 	if err != nil {
 		return Version{}, err
 	}
+	if code != 0 {
+		return Version{}, fmt.Errorf("criu --version: unexpected output %q", strings.TrimSpace(out))
+	}
+	return parseVersion(out)
+}
+
+// parseVersion reads the output of `criu --version`.
+func parseVersion(out string) (Version, error) {
 	m := versionRe.FindStringSubmatch(out)
-	if code != 0 || m == nil {
+	if m == nil {
 		return Version{}, fmt.Errorf("criu --version: unexpected output %q", strings.TrimSpace(out))
 	}
 	var v Version
@@ -104,6 +125,9 @@ func (e *Engine) Version(ctx context.Context) (Version, error) {
 	v.Minor, _ = strconv.Atoi(m[2])
 	if m[3] != "" {
 		v.Sub, _ = strconv.Atoi(m[3])
+	}
+	if g := gitIDRe.FindStringSubmatch(out); g != nil {
+		v.GitID = g[1]
 	}
 	return v, nil
 }

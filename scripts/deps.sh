@@ -4,6 +4,9 @@
 #
 #   1. Debian packages from the system's own apt (bookworm), only the missing ones.
 #   2. A CRIU >= 4.1 that passes `criu check` here, with nftables network-lock support:
+#      - by default CRIU built with duplex's patches (contrib/criu/series) from the upstream
+#        source that Debian's mirror carries (its .orig tarball, checked against a pinned
+#        SHA-256), linked against the system's libraries; if that fails, with a warning:
 #      - the system's criu, if it qualifies (a symlink to it is put at the default path);
 #      - otherwise CRIU from a newer Debian suite (sid, then trixie), unpacked with its
 #        shared libraries into a private prefix and run through that prefix's own dynamic
@@ -17,6 +20,9 @@
 #                       binaries look for $DUPLEX_LIB_DIR/bin/criu only at the default, else
 #                       point them at it with DUPLEX_CRIU or their flag)
 #   DUPLEX_CRIU_SUITES  newer suites to try     (default "sid trixie")
+#   DUPLEX_CRIU_PATCHED auto (default): build the patched CRIU, else fall back with a
+#                       warning (a failed build is not retried until the patches change or
+#                       DUPLEX_DEPS_FORCE=1); 1: the patched CRIU or fail; 0: never build it
 #   DUPLEX_DEPS_FORCE=1 reinstall CRIU even if the stamp says it is fine
 #   DUPLEX_DEPS_SMOKE=0 skip the dump/restore smoke test after a CRIU (re)install
 set -euo pipefail
@@ -32,6 +38,15 @@ CRIU_WRAPPER=$DUPLEX_LIB_DIR/bin/criu   # default path the duplex binaries use
 CRIU_STAMP=$DUPLEX_LIB_DIR/criu.stamp
 CRIU_SUITES=${DUPLEX_CRIU_SUITES:-sid trixie}
 DEBIAN_KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
+# duplex's CRIU: this upstream release, patched with contrib/criu/series.
+CRIU_SOURCE_VERSION=4.2.1
+CRIU_SOURCE_SHA256=29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9
+CRIU_PATCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/../contrib/criu" && pwd)
+CRIU_PATCHED_DIR=$DUPLEX_LIB_DIR/criu-duplex
+CRIU_PATCHED=${DUPLEX_CRIU_PATCHED:-auto}
+CRIU_BUILD_PACKAGES="gcc make pkg-config libc6-dev patch xz-utils protobuf-compiler
+ protobuf-c-compiler libprotobuf-dev libprotobuf-c-dev libnl-3-dev libnet1-dev libcap-dev
+ libbsd-dev libnftables-dev libgnutls28-dev uuid-dev"
 # Used only if apt cannot compute criu's dependency closure (names from sid, 2025/26).
 CRIU_FALLBACK_PACKAGES="criu libcompel1 libc6 libnet9 libprotobuf-c1 libnftables1 libnftnl11
  libnl-3-200 libbsd0 libmd0 libgnutls30t64 libnettle8t64 libhogweed6t64 libp11-kit0
@@ -380,6 +395,79 @@ verify_criu() {
 	fi
 }
 
+# series_patches: the patch files of contrib/criu/series, in order.
+series_patches() {
+	sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$CRIU_PATCH_DIR/series"
+}
+
+# criu_patch_id: names the source and patches; a change to either rebuilds CRIU.
+criu_patch_id() {
+	local p
+	{
+		echo "$CRIU_SOURCE_VERSION $CRIU_SOURCE_SHA256"
+		for p in $(series_patches); do
+			echo "$p"
+			cat "$CRIU_PATCH_DIR/$p"
+		done
+	} | sha256sum | cut -c1-12
+}
+
+# install_patched_criu ID: downloads the upstream source from Debian's pool, applies the
+# series, builds `criu` and installs it at $CRIU_PATCHED_DIR/criu with the wrapper path
+# as a symlink to it (no shell wrapper: every CRIU start inside a migration's downtime
+# saves an exec). Its `criu --version` says "GitID: duplex-ID". Returns 1 (after a
+# warning) on any failure, leaving the installed CRIU as it was.
+install_patched_criu() {
+	local id=$1 uri work new=$CRIU_PATCHED_DIR.new old=$CRIU_PATCHED_DIR.old
+	uri=$(debian_mirror_uri)
+	work=$(mktemp -d /var/tmp/duplex-criu-build.XXXXXX)
+	TMP_DIRS+=("$work" "$new" "$old")
+	chmod 0755 "$work"
+	rm -rf "$new"
+	# A subshell, so that die returns here instead of exiting. errexit does not work
+	# under `if`, so every step is checked.
+	if ! (
+		install_packages "the CRIU build" $CRIU_BUILD_PACKAGES
+		log "downloading CRIU $CRIU_SOURCE_VERSION's source from Debian's pool"
+		/usr/lib/apt/apt-helper download-file "$uri/pool/main/c/criu/criu_${CRIU_SOURCE_VERSION}.orig.tar.xz" \
+			"$work/criu.tar.xz" "SHA256:$CRIU_SOURCE_SHA256" >"$work/download.log" 2>&1 ||
+			{ tail -n 5 "$work/download.log" >&2; die "downloading the CRIU source failed"; }
+		tar -xJf "$work/criu.tar.xz" -C "$work" || die "unpacking the CRIU source failed"
+		src=$work/criu-$CRIU_SOURCE_VERSION
+		for p in $(series_patches); do
+			log "applying contrib/criu/$p"
+			patch -d "$src" -p1 -s --forward --no-backup-if-mismatch <"$CRIU_PATCH_DIR/$p" ||
+				die "contrib/criu/$p does not apply to CRIU $CRIU_SOURCE_VERSION"
+		done
+		log "building CRIU $CRIU_SOURCE_VERSION (duplex-$id); takes about a minute"
+		if ! make -C "$src" -j"$(nproc)" GITID="duplex-$id" criu >"$work/build.log" 2>&1; then
+			tail -n 20 "$work/build.log" >&2
+			die "building CRIU failed"
+		fi
+		install -D -m 0755 "$src/criu/criu" "$new/criu" || die "installing the CRIU binary failed"
+	); then
+		warn "could not build CRIU with duplex's patches"
+		return 1
+	fi
+	if ! verify_criu "$new/criu"; then
+		warn "CRIU with duplex's patches failed verification"
+		return 1
+	fi
+	rm -rf "$old"
+	if [ -e "$CRIU_PATCHED_DIR" ]; then mv "$CRIU_PATCHED_DIR" "$old"; fi
+	mv "$new" "$CRIU_PATCHED_DIR"
+	rm -rf "$old"
+	mkdir -p "$(dirname "$CRIU_WRAPPER")"
+	ln -sfn "$CRIU_PATCHED_DIR/criu" "$CRIU_WRAPPER.tmp"
+	mv -Tf "$CRIU_WRAPPER.tmp" "$CRIU_WRAPPER"
+	STAMP_SOURCE=patched
+	STAMP_SUITE=
+	STAMP_PACKAGE="criu $CRIU_SOURCE_VERSION + contrib/criu/series"
+	STAMP_TARGET=$CRIU_PATCHED_DIR/criu
+	STAMP_PATCHES=$id
+	log "CRIU $CRIU_SOURCE_VERSION with duplex's patches (duplex-$id) installed at $CRIU_PATCHED_DIR/criu"
+}
+
 write_stamp() {
 	local v=$1
 	cat >"$CRIU_STAMP.tmp" <<EOF
@@ -388,6 +476,8 @@ source=$STAMP_SOURCE
 suite=$STAMP_SUITE
 package=$STAMP_PACKAGE
 target=$STAMP_TARGET
+patches=${STAMP_PATCHES:-}
+patch_failed=${STAMP_PATCH_FAILED:-}
 wrapper=$CRIU_WRAPPER
 prefix=$CRIU_PREFIX
 installed=$(date -u +%Y-%m-%dT%H:%M:%SZ)
@@ -396,17 +486,50 @@ EOF
 }
 
 install_criu() {
-	local v sys=""
-	# Fast path: stamp present and the installed criu still runs at the stamped version.
+	local v sys="" id="" src ok
+	STAMP_PATCHES=
+	STAMP_PATCH_FAILED=
+	case "$CRIU_PATCHED" in
+	auto | 1) id=$(criu_patch_id) ;;
+	0) ;;
+	*) die "DUPLEX_CRIU_PATCHED is '$CRIU_PATCHED'; use auto, 1 or 0" ;;
+	esac
+	# Fast path: stamp present, the installed criu still runs at the stamped version and
+	# is the kind asked for (patched with these patches, or not patched).
 	if [ "${DUPLEX_DEPS_FORCE:-0}" != 1 ] && [ -f "$CRIU_STAMP" ] &&
 		[ "$(stamp_get wrapper)" = "$CRIU_WRAPPER" ] && [ -x "$CRIU_WRAPPER" ]; then
 		v=$(criu_version "$CRIU_WRAPPER")
-		if [ -n "$v" ] && [ "$v" = "$(stamp_get version)" ]; then
-			log "CRIU $v ($(stamp_get source)) already installed"
+		src=$(stamp_get source)
+		ok=0
+		if [ -z "$id" ]; then
+			[ "$src" != patched ] && ok=1
+		elif [ "$src" = patched ]; then
+			[ "$(stamp_get patches)" = "$id" ] && ok=1
+		elif [ "$CRIU_PATCHED" = auto ] && [ "$(stamp_get patch_failed)" = "$id" ]; then
+			ok=1 # this build failed before: not retried until the patches change
+			warn "using CRIU without duplex's patches: building them failed before (DUPLEX_DEPS_FORCE=1 retries)"
+			STAMP_PATCH_FAILED=$id
+		fi
+		if [ -n "$v" ] && [ "$v" = "$(stamp_get version)" ] && [ "$ok" = 1 ]; then
+			if [ "$src" = patched ]; then src="patched, duplex-$id"; fi
+			log "CRIU $v ($src) already installed"
 			CRIU_FINAL_VERSION=$v
 			return
 		fi
-		log "installed CRIU at $CRIU_WRAPPER is broken or changed (got '${v}'); reinstalling"
+		log "installed CRIU at $CRIU_WRAPPER is broken, changed or not the kind asked for (got '${v}', $src); reinstalling"
+	fi
+
+	if [ -n "$id" ]; then
+		if install_patched_criu "$id"; then
+			v=$(criu_version "$CRIU_WRAPPER")
+			[ -n "$v" ] || die "$CRIU_WRAPPER does not run"
+			write_stamp "$v"
+			CRIU_FINAL_VERSION=$v
+			return
+		fi
+		[ "$CRIU_PATCHED" = 1 ] && die "DUPLEX_CRIU_PATCHED=1 and CRIU with duplex's patches did not install"
+		warn "falling back to CRIU without duplex's patches (post-copy's frozen time then grows with memory)"
+		STAMP_PATCH_FAILED=$id
 	fi
 
 	sys=$(command -v criu 2>/dev/null || true)

@@ -14,7 +14,7 @@ import (
 
 const makeDeps = "run 'make deps'"
 
-// checkCRIU returns the checks that ask CRIU: criu, criu-check, uffd,
+// checkCRIU returns the checks that ask CRIU: criu, criu-check, uffd, lazy-dump,
 // dirty-tracking and nftables-lock, in that order.
 func checkCRIU(ctx context.Context, o Options) []Check {
 	eng := checkpoint.New(o.CRIUPath)
@@ -33,6 +33,9 @@ func checkCRIU(ctx context.Context, o Options) []Check {
 	}
 	crit.Status = OK
 	crit.Detail = fmt.Sprintf("%s, version %s", path, v)
+	if v.GitID != "" {
+		crit.Detail += " (" + v.GitID + ")"
+	}
 	if splitVDSO() {
 		if !v.AtLeast(4, 1) {
 			crit.Status = Missing
@@ -56,6 +59,14 @@ func checkCRIU(ctx context.Context, o Options) []Check {
 		"post-copy (lazy-pages) migration available",
 		"post-copy (lazy-pages) migration unavailable; pre-copy and stop-and-copy still work")
 	checks = append(checks, uffd)
+
+	lazy := Check{Name: "lazy-dump", Status: OK,
+		Detail: "CRIU carries duplex's patches (contrib/criu): post-copy's lazy dump serves pages from the frozen tree instead of copying them while it is frozen"}
+	if !v.DuplexPatched() {
+		lazy.Status = Warn
+		lazy.Detail = "CRIU without duplex's patches: post-copy's lazy dump copies every page while the workload is frozen, so its downtime grows with memory; 'make deps' builds the patched CRIU"
+	}
+	checks = append(checks, lazy)
 
 	checks = append(checks, checkDirtyTracking(ctx, eng))
 
@@ -132,6 +143,7 @@ func criuUnavailable(path string) []Check {
 	return []Check{
 		{Name: "criu-check", Status: Missing, Required: true, Detail: why},
 		{Name: "uffd", Status: Missing, Detail: why},
+		{Name: "lazy-dump", Status: Missing, Detail: why},
 		{Name: "dirty-tracking", Status: Missing, Detail: why},
 		{Name: "nftables-lock", Status: Missing, Required: true, Detail: why},
 	}

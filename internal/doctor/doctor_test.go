@@ -17,7 +17,7 @@ import (
 )
 
 var allChecks = []string{
-	"kernel", "root", "criu", "criu-check", "uffd", "dirty-tracking", "nftables-lock",
+	"kernel", "root", "criu", "criu-check", "uffd", "lazy-dump", "dirty-tracking", "nftables-lock",
 	"nft", "pidns", "cgroups", "tracefs", "btf", "ebpf-tracepoint", "pipe-max-size",
 }
 
@@ -188,5 +188,31 @@ func TestReportJSON(t *testing.T) {
 	want := `{"checks":[{"name":"btf","status":"ok","required":false,"detail":"present"}]}`
 	if string(b) != want {
 		t.Errorf("json = %s, want %s", b, want)
+	}
+}
+
+// The lazy-dump verdict follows the CRIU build: ok only for one 'make deps' built
+// with duplex's patches, which says so in `criu --version`.
+func TestLazyDumpFollowsCRIUBuild(t *testing.T) {
+	eng := testutil.RequiresCRIU(t)
+	v, err := eng.Version(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("CRIU %s, GitID %q", v, v.GitID)
+	r := run(t, doctor.Options{})
+	c, ok := r.Get("lazy-dump")
+	if !ok {
+		t.Fatal("no lazy-dump check")
+	}
+	want := doctor.Warn
+	if v.DuplexPatched() {
+		want = doctor.OK
+	}
+	if c.Status != want {
+		t.Errorf("lazy-dump is %s (%s), want %s for GitID %q", c.Status, c.Detail, want, v.GitID)
+	}
+	if crit, _ := r.Get("criu"); v.GitID != "" && !strings.Contains(crit.Detail, v.GitID) {
+		t.Errorf("criu check %q does not name the build %q", crit.Detail, v.GitID)
 	}
 }
