@@ -18,6 +18,10 @@ const (
 	FeatureUFFDNonCoop   = "uffd-noncoop"          // userfaultfd for forks: lazy pages of a tree
 	FeatureNFTablesLock  = "network_lock_nftables" // nftables network lock
 	FeatureTCPHalfClosed = "tcp_half_closed"
+	// FeatureLazyPagesBeforeImages: `criu lazy-pages` reads the images only once a
+	// restore connects, so it can start before they arrive (duplex's CRIU patches,
+	// contrib/criu/lazy-pages-before-images.patch).
+	FeatureLazyPagesBeforeImages = "lazy_pages_before_images"
 )
 
 type featureCache struct {

@@ -392,3 +392,63 @@ func TestLazyDumpOverConnection(t *testing.T) {
 		t.Errorf("source still exists after its pages were served (state %c)", s)
 	}
 }
+
+// A lazy-pages daemon that reads the images only when the restore connects can be
+// started before they exist (duplex's CRIU patch): migrate starts it at Prepare,
+// outside the downtime. The restored tree's memory must be whole: the workload
+// checks every page each second and says CORRUPT on the first wrong one.
+func TestLazyPagesBeforeImages(t *testing.T) {
+	eng := testutil.RequiresCRIU(t, checkpoint.FeatureUFFDNonCoop, checkpoint.FeatureLazyPagesBeforeImages)
+	rec := launch(t, "lazyearly", "dirty", "32M", "4M")
+	testutil.Eventually(t, 30*time.Second, "the workload to fill its memory", func() bool {
+		b, _ := os.ReadFile(rec.Stdout)
+		return strings.Contains(string(b), "READY")
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	src, dst := t.TempDir(), t.TempDir()
+	a, b := socketPair(t)
+	defer a.Close()
+	defer b.Close()
+	lp, err := eng.StartLazyPages(ctx, checkpoint.LazyPagesOptions{ImagesDir: dst, Conn: a})
+	if err != nil {
+		t.Fatalf("lazy-pages daemon on an empty directory: %v", err)
+	}
+	defer lp.Stop()
+
+	ready := make(chan struct{})
+	dumped := make(chan error, 1)
+	go func() {
+		_, err := eng.Dump(ctx, checkpoint.DumpOptions{Pid: rec.Pid, ImagesDir: src, ManageCgroups: true,
+			PageServerConn: b, LazyConn: true, Ready: func() { close(ready) }})
+		dumped <- err
+	}()
+	select {
+	case <-ready:
+	case err := <-dumped:
+		t.Fatalf("lazy dump ended before serving: %v", err)
+	}
+	if names := copyMissing(t, src, dst); len(names) == 0 {
+		t.Fatal("no images to copy")
+	}
+	stdout := func() string { b, _ := os.ReadFile(rec.Stdout); return string(b) }
+	before := strings.Count(stdout(), "OK ")
+	res, err := eng.Restore(ctx, checkpoint.RestoreOptions{ImagesDir: dst, ManageCgroups: true, LazyPages: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer killChild(res.Pid)
+	if err := lp.Wait(ctx); err != nil {
+		t.Fatalf("lazy-pages daemon: %v", err)
+	}
+	if err := <-dumped; err != nil {
+		t.Fatalf("lazy dump: %v", err)
+	}
+	testutil.Eventually(t, 10*time.Second, "two checks of every page by the restored workload", func() bool {
+		out := stdout()
+		if strings.Contains(out, "CORRUPT") {
+			t.Fatalf("the restored workload found a corrupt page: %s", out[strings.Index(out, "CORRUPT"):])
+		}
+		return strings.Count(out, "OK ") >= before+2
+	})
+}

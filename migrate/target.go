@@ -168,6 +168,11 @@ func (t *Target) Prepare(ctx context.Context, req PrepareRequest) (PrepareRespon
 	if req.Strategy == PostCopy {
 		// The source serves the pages; our lazy-pages daemon fetches them at restore.
 		in.lazyEnd, in.tunnel = criuEnd, ours
+		if early, _ := t.Engine.HasFeature(ctx, checkpoint.FeatureLazyPagesBeforeImages); early {
+			// A CRIU whose daemon reads the images only when the restore connects
+			// starts now, outside the downtime, instead of once the images land.
+			t.startLazyPages(in)
+		}
 		t.put(in)
 		t.log().WithFields(logrus.Fields{"migration": req.ID, "workload": req.Workload.Name}).Info("prepared incoming post-copy migration")
 		return PrepareResponse{PageServer: t.Host + " lazy-pages"}, nil
@@ -345,18 +350,25 @@ func (t *Target) SendImages(ctx context.Context, id string, r io.Reader) (Receiv
 		return Received{}, fmt.Errorf("images of %s: %w", id, err)
 	}
 	in.images = true
-	if in.req.Strategy == PostCopy {
-		// The lazy-pages daemon reads the images as it starts: start it now, while
-		// the source hands over the service addresses and asks for the restore.
-		in.lazyStart = make(chan lazyStarted, 1)
-		go func(conn *os.File) {
-			lp, err := t.Engine.StartLazyPages(context.Background(), checkpoint.LazyPagesOptions{ImagesDir: in.cur, Conn: conn})
-			conn.Close()
-			in.lazyStart <- lazyStarted{lp, err}
-		}(in.lazyEnd)
-		in.lazyEnd = nil
+	if in.req.Strategy == PostCopy && in.lazyEnd != nil {
+		// This CRIU's lazy-pages daemon reads the images as it starts: start it
+		// now, while the source hands over the service addresses and asks for the
+		// restore.
+		t.startLazyPages(in)
 	}
 	return Received{Files: files, Bytes: n}, nil
+}
+
+// startLazyPages starts post-copy's lazy-pages daemon on in.cur and the page channel's
+// CRIU end; Restore waits for it on in.lazyStart.
+func (t *Target) startLazyPages(in *incoming) {
+	in.lazyStart = make(chan lazyStarted, 1)
+	go func(conn *os.File, ch chan<- lazyStarted) {
+		lp, err := t.Engine.StartLazyPages(context.Background(), checkpoint.LazyPagesOptions{ImagesDir: in.cur, Conn: conn})
+		conn.Close()
+		ch <- lazyStarted{lp, err}
+	}(in.lazyEnd, in.lazyStart)
+	in.lazyEnd = nil
 }
 
 // Restore implements Destination.
