@@ -31,9 +31,10 @@ fi
 pkill -9 -x duplex-vmtest 2>/dev/null && echo "clean: killed stray vmtest guest"
 rm -rf /tmp/duplex-it-* /tmp/duplex-testbin-* /tmp/duplex-vmtest-* 2>/dev/null
 # Network namespaces of integration/harness clusters (<prefix>-<8 hex>-sw|hN|cN, the
-# prefix starting with dpx): kill what still runs inside, then delete them (their veths
-# and bridge go with them).
-ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^dpx[A-Za-z0-9_]*-[0-9a-f]{8}-(sw|[hc][0-9]+)$' |
+# prefix starting with dpx) and of netfail's tests (dpxnf<8 hex>a|b|c|s): kill what
+# still runs inside, then delete them (their veths and bridge go with them).
+ip netns list 2>/dev/null | awk '{print $1}' |
+	grep -E '^(dpx[A-Za-z0-9_]*-[0-9a-f]{8}-(sw|[hc][0-9]+)|dpxnf[0-9a-f]{8}[abcs])$' |
 	while read -r ns; do
 		for pid in $(ip netns pids "$ns" 2>/dev/null); do
 			kill -9 "$pid" 2>/dev/null && echo "clean: killed $pid in netns $ns"
