@@ -213,6 +213,7 @@ type Restorer struct {
 // puts it where the restored tree belongs (see RestoreOptions.Place). Close it if
 // no restore takes it.
 func (e *Engine) StartRestorer(place func(criuPid int) error) (*Restorer, error) {
+	e.WarmKerndat()
 	s, err := e.session()
 	if err != nil {
 		return nil, err
@@ -427,7 +428,7 @@ func (l *hostLock) Unlock() {
 }
 
 func (e *Engine) dump(ctx context.Context, o DumpOptions, pre bool) (*DumpStats, error) {
-	e.warmKerndat()
+	e.WarmKerndat()
 	op, logName := "dump", DumpLog
 	if pre {
 		op, logName = "pre-dump", PreDumpLog
@@ -488,7 +489,7 @@ func finishDump(o DumpOptions, logName string, wall time.Duration) *DumpStats {
 // is in the result. On failure the error is a *CRIUError; when a file the tree had
 // open is missing here it also matches ErrMissingFile.
 func (e *Engine) Restore(ctx context.Context, o RestoreOptions) (*RestoreResult, error) {
-	e.warmKerndat()
+	e.WarmKerndat()
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}

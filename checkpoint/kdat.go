@@ -34,12 +34,32 @@ var (
 // kdatStampSuffix names the stamp beside the cache.
 const kdatStampSuffix = ".duplex-stamp"
 
-var kdatOnce sync.Once
+var kdat struct {
+	mu     sync.Mutex
+	failed time.Time // the last failure to make the cache
+}
 
-// warmKerndat makes sure of the cache once per process; a failure only costs time
-// (duplexd reports it at start).
-func (e *Engine) warmKerndat() {
-	kdatOnce.Do(func() { _ = e.EnsureKerndatCache() })
+// kdatRetry is how long a failure to make the cache stops further tries.
+const kdatRetry = time.Minute
+
+// WarmKerndat makes sure the cache is there before a CRIU starts: the engine calls
+// it before each dump, restore, restorer, page server and lazy-pages daemon, all
+// of which start outside the downtime or just before the freeze. When the cache is
+// in place (the usual case) it costs a few stat calls; when it went missing (another
+// CRIU build replaced it, someone removed it) it is made again here rather than
+// probed by every CRIU of the next migration. A failure only costs time (duplexd
+// reports it at start) and is not retried for a minute.
+func (e *Engine) WarmKerndat() {
+	kdat.mu.Lock()
+	defer kdat.mu.Unlock()
+	if !kdat.failed.IsZero() && time.Since(kdat.failed) < kdatRetry {
+		return
+	}
+	if err := e.EnsureKerndatCache(); err != nil {
+		kdat.failed = time.Now()
+		return
+	}
+	kdat.failed = time.Time{}
 }
 
 // EnsureKerndatCache makes CRIU's kerndat cache usable on this host (see above).

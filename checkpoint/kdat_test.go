@@ -64,3 +64,29 @@ func TestKerndatCache(t *testing.T) {
 		t.Errorf("a valid cache was made again")
 	}
 }
+
+// A cache that went missing after the first migration (another CRIU build replaced
+// it, someone removed it) is made again before the next CRIU starts, not left for
+// every CRIU in the next downtime to probe the kernel again.
+func TestWarmKerndatRemakesMissingCache(t *testing.T) {
+	eng := testutil.RequiresCRIU(t)
+	var st unix.Statfs_t
+	if err := unix.Statfs("/run", &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Type == unix.TMPFS_MAGIC {
+		t.Skip("/run is a tmpfs here: CRIU keeps its own kerndat cache")
+	}
+	const cache = "/run/criu.kdat"
+	eng.WarmKerndat()
+	if fi, err := os.Stat(cache); err != nil || fi.Size() == 0 {
+		t.Fatalf("no cache after WarmKerndat: %v", err)
+	}
+	if err := os.Remove(cache); err != nil {
+		t.Fatal(err)
+	}
+	eng.WarmKerndat()
+	if fi, err := os.Stat(cache); err != nil || fi.Size() == 0 {
+		t.Fatalf("the removed cache was not made again: %v", err)
+	}
+}

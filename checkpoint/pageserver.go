@@ -46,7 +46,7 @@ type PageServer struct {
 
 // StartPageServer starts a CRIU page server in the background.
 func (e *Engine) StartPageServer(ctx context.Context, o PageServerOptions) (*PageServer, error) {
-	e.warmKerndat()
+	e.WarmKerndat()
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
@@ -200,7 +200,7 @@ type LazyPages struct {
 // StartLazyPages starts the lazy-pages daemon (go-criu has no RPC for it) and waits
 // until it accepts the restore's connection.
 func (e *Engine) StartLazyPages(ctx context.Context, o LazyPagesOptions) (*LazyPages, error) {
-	e.warmKerndat()
+	e.WarmKerndat()
 	if err := prepareDir(o.ImagesDir); err != nil {
 		return nil, err
 	}
