@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -396,14 +397,54 @@ func TestLazyDumpOverConnection(t *testing.T) {
 // A lazy-pages daemon that reads the images only when the restore connects can be
 // started before they exist (duplex's CRIU patch): migrate starts it at Prepare,
 // outside the downtime. The restored tree's memory must be whole: the workload
-// checks every page each second and says CORRUPT on the first wrong one.
+// checks every page each second and says CORRUPT on the first wrong one. Once with
+// 4 KiB pages and once with transparent huge pages everywhere (THP "always", the
+// default of many distributions), which a patch that dumped one page of a thread's
+// stack area eagerly once broke: the restore's write of that page filled in a huge
+// page, and the lazy pages under it never arrived. The THP case sets the system's
+// mode to "always" for its run and puts the old one back.
 func TestLazyPagesBeforeImages(t *testing.T) {
 	eng := testutil.RequiresCRIU(t, checkpoint.FeatureUFFDNonCoop, checkpoint.FeatureLazyPagesBeforeImages)
-	rec := launch(t, "lazyearly", "dirty", "32M", "4M")
+	for _, tc := range []struct{ name, mode string }{{"4k", "dirty"}, {"thp", "dirty-thp"}} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.mode == "dirty-thp" {
+				thpAlways(t)
+			}
+			lazyRestoreChecked(t, eng, tc.mode)
+		})
+	}
+}
+
+// thpAlways switches transparent huge pages to "always" until the test ends.
+func thpAlways(t *testing.T) {
+	const knob = "/sys/kernel/mm/transparent_hugepage/enabled"
+	b, err := os.ReadFile(knob)
+	if err != nil {
+		t.Skipf("no transparent huge pages here: %v", err)
+	}
+	old := string(b)
+	old = old[strings.Index(old, "[")+1 : strings.Index(old, "]")]
+	if err := os.WriteFile(knob, []byte("always"), 0); err != nil {
+		t.Skipf("cannot set transparent huge pages to always: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := os.WriteFile(knob, []byte(old), 0); err != nil {
+			t.Errorf("put transparent huge pages back to %s: %v", old, err)
+		}
+	})
+}
+
+func lazyRestoreChecked(t *testing.T, eng *checkpoint.Engine, mode string) {
+	rec := launch(t, "lazyearly", mode, "32M", "4M")
 	testutil.Eventually(t, 30*time.Second, "the workload to fill its memory", func() bool {
 		b, _ := os.ReadFile(rec.Stdout)
 		return strings.Contains(string(b), "READY")
 	})
+	if mode == "dirty-thp" {
+		if kib := smapsSum(t, rec.Pid, "AnonHugePages:"); kib < 2048 {
+			t.Fatalf("the workload has %d KiB in huge pages: the test would not test them", kib)
+		}
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	src, dst := t.TempDir(), t.TempDir()
@@ -451,4 +492,21 @@ func TestLazyPagesBeforeImages(t *testing.T) {
 		}
 		return strings.Count(out, "OK ") >= before+2
 	})
+}
+
+// smapsSum adds up one field (e.g. "AnonHugePages:") of every mapping of pid, in KiB.
+func smapsSum(t *testing.T, pid int, field string) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := 0
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == field {
+			n, _ := strconv.Atoi(f[1])
+			sum += n
+		}
+	}
+	return sum
 }

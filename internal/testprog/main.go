@@ -8,6 +8,8 @@
 //	                                 all, each page with its own generation) and check every
 //	                                 page once a second: "OK n" (n pages rewritten so far)
 //	                                 or "CORRUPT page i", which exits
+//	testprog dirty-thp SIZE RATE [HOT]  like dirty, in memory advised for transparent huge
+//	                                 pages (MADV_HUGEPAGE), 2 MiB aligned
 //	testprog echo                    echo every TCP connection's bytes back; print "PORT n"
 //	testprog complex DIR             a tree with threads, a pipe to a child, an open
 //	                                 file in DIR, a zombie and a listening TCP socket
@@ -30,6 +32,9 @@ import (
 	"strconv"
 	"sync/atomic"
 	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
 // Status is what complex reports to each connection.
@@ -75,12 +80,12 @@ func main() {
 		echoServer()
 	case "hog":
 		hog(os.Args[2])
-	case "dirty":
+	case "dirty", "dirty-thp":
 		hot := parseSize(os.Args[2])
 		if len(os.Args) > 4 {
 			hot = min(parseSize(os.Args[4]), hot)
 		}
-		dirty(parseSize(os.Args[2]), parseSize(os.Args[3]), hot)
+		dirty(parseSize(os.Args[2]), parseSize(os.Args[3]), hot, os.Args[1] == "dirty-thp")
 	case "pipe-reader":
 		pipeReader()
 	case "exit0":
@@ -258,11 +263,14 @@ func hog(size string) {
 // dirty keeps rewriting random pages of its memory, each page filled from its index
 // and its own generation, and checks them all once a second: a migration that
 // loses or mixes up a page round shows as CORRUPT.
-func dirty(size, rate, hot int64) {
+func dirty(size, rate, hot int64, thp bool) {
 	const page = 4096
 	pages := int(size / page)
 	hotPages := max(int(hot/page), 1)
 	buf := make([]byte, pages*page)
+	if thp {
+		buf = hugeBuffer(pages * page)
+	}
 	gen := make([]uint32, pages)
 	word := func(i, j int) uint32 { return uint32(i)*2654435761 ^ gen[i]<<20 ^ uint32(j) }
 	fill := func(i int) {
@@ -328,4 +336,20 @@ func echoServer() {
 			_, _ = io.Copy(c, c)
 		}()
 	}
+}
+
+// hugeBuffer maps n bytes, 2 MiB aligned, advised for transparent huge pages before
+// anything touches them, so that the kernel backs them with huge pages where it can.
+func hugeBuffer(n int) []byte {
+	const huge = 2 << 20
+	m, err := unix.Mmap(-1, 0, n+huge, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		fatal(err)
+	}
+	off := (huge - int(uintptr(unsafe.Pointer(&m[0]))%huge)) % huge
+	buf := m[off : off+n]
+	if err := unix.Madvise(buf, unix.MADV_HUGEPAGE); err != nil {
+		fatal(err)
+	}
+	return buf
 }
