@@ -48,6 +48,7 @@ bench: deps build ## Migration vs the naive baseline (table + bench.json), engin
 	$(GO) build -o $(BIN)/echoserver ./integration/harness/echoserver
 	$(GO) build -o $(BIN)/bench ./integration/bench
 	$(BIN)/bench --duplexd $(BIN)/duplexd --duplexctl $(BIN)/duplexctl --echoserver $(BIN)/echoserver --out bench.json
+	$(BIN)/bench --duplexd $(BIN)/duplexd --duplexctl $(BIN)/duplexctl --echoserver $(BIN)/echoserver --methods postcopy --thp always --out bench-thp.json
 	$(GO) test -run '^$$' -bench . -benchtime 3x -count 1 ./checkpoint/ ./netfail/
 	$(GO) test -run '^$$' -bench ProbeOverhead -benchtime 3s -count 1 ./ebpf/
 	$(GO) test -run '^$$' -bench DetectionLatency -benchtime 5x -count 1 ./internal/detect/

@@ -367,7 +367,7 @@ func TestDoctor(t *testing.T) {
 	for _, c := range rep.Checks {
 		byName[c.Name] = c.Status
 	}
-	for _, name := range []string{"kernel", "criu", "criu-check", "uffd", "dirty-tracking", "nftables-lock", "cgroups", "tracefs", "btf", "ebpf-tracepoint"} {
+	for _, name := range []string{"kernel", "criu", "criu-check", "uffd", "lazy-dump", "dirty-tracking", "nftables-lock", "cgroups", "tracefs", "btf", "ebpf-tracepoint", "thp"} {
 		if byName[name] == "" {
 			t.Errorf("doctor has no %q check", name)
 		}

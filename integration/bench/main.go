@@ -51,6 +51,8 @@ type Row struct {
 	Downtime  []migrate.Part `json:"downtime,omitempty"`
 	ClientErr string         `json:"client_error,omitempty"`
 	Err       string         `json:"error,omitempty"`
+	// THP is the system's transparent huge page mode during the run.
+	THP string `json:"thp,omitempty"`
 }
 
 type bench struct {
@@ -73,8 +75,21 @@ func main() {
 	dirty := flag.String("dirty", "0,20", "dirtying rates in MiB/s")
 	methods := flag.String("methods", "baseline,stopcopy,postcopy,postcopy-noreplay,precopy", "what to measure: baseline and duplex strategies (STRATEGY-noreplay: without replaying the packets that reach the frozen workload)")
 	out := flag.String("out", "bench.json", "where to write the figures as JSON")
+	thp := flag.String("thp", "", "run with transparent huge pages in this mode (always, madvise, never) and put the system's mode back after; default: as the system has it")
 	flag.Parse()
+	mode, restore, err := setTHP(*thp)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "bench: %s\n", err)
+		os.Exit(1)
+	}
+	fmt.Printf("bench: transparent huge pages: %s\n", mode)
 	rows, err := run(*duplexd, *duplexctl, *echo, ints(*sizes), ints(*dirty), strings.Split(*methods, ","))
+	if rerr := restore(); rerr != nil {
+		fmt.Fprintf(os.Stderr, "bench: %s\n", rerr)
+	}
+	for i := range rows {
+		rows[i].THP = mode
+	}
 	if len(rows) > 0 {
 		printTable(rows)
 		b, _ := json.MarshalIndent(rows, "", "  ")
@@ -88,6 +103,36 @@ func main() {
 		fmt.Fprintf(os.Stderr, "bench: %s\n", err)
 		os.Exit(1)
 	}
+}
+
+const thpKnob = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+// setTHP sets the transparent huge page mode (unless mode is empty) and returns the
+// mode in force and a function that puts the old one back.
+func setTHP(mode string) (string, func() error, error) {
+	b, err := os.ReadFile(thpKnob)
+	if err != nil {
+		if mode != "" {
+			return "", nil, fmt.Errorf("--thp %s: %w", mode, err)
+		}
+		return "unavailable", func() error { return nil }, nil
+	}
+	old := string(b)
+	if i, j := strings.Index(old, "["), strings.Index(old, "]"); i >= 0 && j > i {
+		old = old[i+1 : j]
+	}
+	if mode == "" || mode == old {
+		return old, func() error { return nil }, nil
+	}
+	if err := os.WriteFile(thpKnob, []byte(mode), 0); err != nil {
+		return "", nil, fmt.Errorf("--thp %s: %w", mode, err)
+	}
+	return mode, func() error {
+		if err := os.WriteFile(thpKnob, []byte(old), 0); err != nil {
+			return fmt.Errorf("putting transparent huge pages back to %s: %w", old, err)
+		}
+		return nil
+	}, nil
 }
 
 func ints(s string) []int {

@@ -22,7 +22,7 @@ const (
 type Check struct {
 	// Name is a short id: "kernel", "root", "criu", "criu-check", "uffd", "lazy-dump",
 	// "dirty-tracking", "nftables-lock", "nft", "pidns", "cgroups", "tracefs", "btf",
-	// "ebpf-tracepoint", "pipe-max-size".
+	// "ebpf-tracepoint", "pipe-max-size", "thp".
 	Name     string `json:"name"`
 	Status   Status `json:"status"`
 	Required bool   `json:"required"` // duplex cannot work without it
@@ -78,6 +78,7 @@ var probes = []probe{
 	func(context.Context, Options) []Check { return []Check{checkBTF()} },
 	func(context.Context, Options) []Check { return []Check{checkEBPF()} },
 	func(context.Context, Options) []Check { return []Check{checkPipeMaxSize()} },
+	func(context.Context, Options) []Check { return []Check{checkTHP()} },
 }
 
 // Run examines the host and returns one check per aspect. Each probe gets at most

@@ -18,7 +18,7 @@ import (
 
 var allChecks = []string{
 	"kernel", "root", "criu", "criu-check", "uffd", "lazy-dump", "dirty-tracking", "nftables-lock",
-	"nft", "pidns", "cgroups", "tracefs", "btf", "ebpf-tracepoint", "pipe-max-size",
+	"nft", "pidns", "cgroups", "tracefs", "btf", "ebpf-tracepoint", "pipe-max-size", "thp",
 }
 
 func run(t *testing.T, o doctor.Options) doctor.Report {

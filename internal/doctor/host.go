@@ -248,3 +248,37 @@ func checkPipeMaxSize() Check {
 	}
 	return c
 }
+
+// thpKnob is the system's transparent huge page mode.
+var thpKnob = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+// checkTHP reports the transparent huge page mode, which sets how post-copy's
+// downtime grows with memory: CRIU walks the tree's page tables while it is frozen
+// (its smaps and PAGEMAP_SCAN reads), one entry per 4 KiB page but one per 2 MiB
+// huge page. Measured with duplex's CRIU at 2 GiB: 44-56 ms with "always", 69-74 ms
+// with "madvise" (the Go workload's heap not advised).
+func checkTHP() Check {
+	c := Check{Name: "thp"}
+	b, err := os.ReadFile(thpKnob)
+	if err != nil {
+		c.Status, c.Detail = Warn, "no transparent huge pages ("+err.Error()+"): post-copy's frozen time grows with memory (about 20 ms per GiB)"
+		return c
+	}
+	mode := thpMode(string(b))
+	if mode == "always" {
+		c.Status, c.Detail = OK, "always: post-copy's frozen time hardly grows with memory (CRIU walks one page-table entry per 2 MiB)"
+		return c
+	}
+	c.Status = Warn
+	c.Detail = mode + ": post-copy's frozen time grows with the memory not in huge pages (CRIU walks one page-table entry per 4 KiB page, about 20 ms per GiB); 'always' makes it flat, at the cost of huge pages everywhere"
+	return c
+}
+
+// thpMode picks the bracketed mode out of "always [madvise] never".
+func thpMode(s string) string {
+	i, j := strings.Index(s, "["), strings.Index(s, "]")
+	if i < 0 || j < i {
+		return strings.TrimSpace(s)
+	}
+	return s[i+1 : j]
+}
