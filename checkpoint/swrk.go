@@ -134,6 +134,12 @@ func (s *session) do(ctx context.Context, workDir string, typ rpc.CriuReqType, o
 	}()
 	select {
 	case a := <-done:
+		if a.err == nil && typ == rpc.CriuReqType_RESTORE {
+			// The restored tree already runs: CRIU's exit and its reaping need not
+			// hold the caller (a migration's downtime) up.
+			go s.close()
+			return a.resp, nil
+		}
 		s.close() // CRIU exits non-zero after a failed request: the answer says why
 		return a.resp, a.err
 	case <-ctx.Done():
