@@ -14,13 +14,7 @@ import (
 
 func TestKerndatCache(t *testing.T) {
 	eng := testutil.RequiresCRIU(t)
-	var st unix.Statfs_t
-	if err := unix.Statfs("/run", &st); err != nil {
-		t.Fatal(err)
-	}
-	if st.Type == unix.TMPFS_MAGIC {
-		t.Skip("/run is a tmpfs here: CRIU keeps its own kerndat cache")
-	}
+	requiresDiskRun(t)
 	const cache, stamp = "/run/criu.kdat", "/run/criu.kdat.duplex-stamp"
 	if err := eng.EnsureKerndatCache(); err != nil {
 		t.Fatal(err)
@@ -70,13 +64,7 @@ func TestKerndatCache(t *testing.T) {
 // every CRIU in the next downtime to probe the kernel again.
 func TestWarmKerndatRemakesMissingCache(t *testing.T) {
 	eng := testutil.RequiresCRIU(t)
-	var st unix.Statfs_t
-	if err := unix.Statfs("/run", &st); err != nil {
-		t.Fatal(err)
-	}
-	if st.Type == unix.TMPFS_MAGIC {
-		t.Skip("/run is a tmpfs here: CRIU keeps its own kerndat cache")
-	}
+	requiresDiskRun(t)
 	const cache = "/run/criu.kdat"
 	eng.WarmKerndat()
 	if fi, err := os.Stat(cache); err != nil || fi.Size() == 0 {
@@ -88,5 +76,17 @@ func TestWarmKerndatRemakesMissingCache(t *testing.T) {
 	eng.WarmKerndat()
 	if fi, err := os.Stat(cache); err != nil || fi.Size() == 0 {
 		t.Fatalf("the removed cache was not made again: %v", err)
+	}
+}
+
+// requiresDiskRun skips where /run is a tmpfs: CRIU keeps its own kerndat cache there.
+func requiresDiskRun(t *testing.T) {
+	t.Helper()
+	var st unix.Statfs_t
+	if err := unix.Statfs("/run", &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Type == unix.TMPFS_MAGIC {
+		t.Skip("/run is a tmpfs here: CRIU keeps its own kerndat cache")
 	}
 }

@@ -355,21 +355,7 @@ func TestLazyDumpOverConnection(t *testing.T) {
 	a, b := socketPair(t)
 	defer a.Close()
 	defer b.Close()
-	ready := make(chan struct{})
-	dumped := make(chan error, 1)
-	go func() {
-		_, err := eng.Dump(ctx, checkpoint.DumpOptions{Pid: rec.Pid, ImagesDir: src, ManageCgroups: true,
-			PageServerConn: b, LazyConn: true, Ready: func() { close(ready) }})
-		dumped <- err
-	}()
-	select {
-	case <-ready:
-	case err := <-dumped:
-		t.Fatalf("lazy dump ended before serving: %v", err)
-	}
-	if names := copyMissing(t, src, dst); len(names) == 0 {
-		t.Fatal("no images to copy")
-	}
+	dumped := lazyDumpCopied(ctx, t, eng, rec.Pid, src, dst, b)
 	lp, err := eng.StartLazyPages(ctx, checkpoint.LazyPagesOptions{ImagesDir: dst, Conn: a})
 	if err != nil {
 		t.Fatal(err)
@@ -457,21 +443,7 @@ func lazyRestoreChecked(t *testing.T, eng *checkpoint.Engine, mode string) {
 	}
 	defer lp.Stop()
 
-	ready := make(chan struct{})
-	dumped := make(chan error, 1)
-	go func() {
-		_, err := eng.Dump(ctx, checkpoint.DumpOptions{Pid: rec.Pid, ImagesDir: src, ManageCgroups: true,
-			PageServerConn: b, LazyConn: true, Ready: func() { close(ready) }})
-		dumped <- err
-	}()
-	select {
-	case <-ready:
-	case err := <-dumped:
-		t.Fatalf("lazy dump ended before serving: %v", err)
-	}
-	if names := copyMissing(t, src, dst); len(names) == 0 {
-		t.Fatal("no images to copy")
-	}
+	dumped := lazyDumpCopied(ctx, t, eng, rec.Pid, src, dst, b)
 	stdout := func() string { b, _ := os.ReadFile(rec.Stdout); return string(b) }
 	before := strings.Count(stdout(), "OK ")
 	res, err := eng.Restore(ctx, checkpoint.RestoreOptions{ImagesDir: dst, ManageCgroups: true, LazyPages: true})
@@ -509,4 +481,27 @@ func smapsSum(t *testing.T, pid int, field string) int {
 		}
 	}
 	return sum
+}
+
+// lazyDumpCopied starts a lazy dump of pid into src that serves its pages on conn,
+// waits until it is ready to serve them, and copies its images to dst. The dump's
+// outcome arrives on the channel once the last page was served.
+func lazyDumpCopied(ctx context.Context, t *testing.T, eng *checkpoint.Engine, pid int, src, dst string, conn *os.File) <-chan error {
+	t.Helper()
+	ready := make(chan struct{})
+	dumped := make(chan error, 1)
+	go func() {
+		_, err := eng.Dump(ctx, checkpoint.DumpOptions{Pid: pid, ImagesDir: src, ManageCgroups: true,
+			PageServerConn: conn, LazyConn: true, Ready: func() { close(ready) }})
+		dumped <- err
+	}()
+	select {
+	case <-ready:
+	case err := <-dumped:
+		t.Fatalf("lazy dump ended before serving: %v", err)
+	}
+	if names := copyMissing(t, src, dst); len(names) == 0 {
+		t.Fatal("no images to copy")
+	}
+	return dumped
 }
