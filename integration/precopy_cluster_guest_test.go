@@ -20,7 +20,7 @@ import (
 // kernel, which has it. There they skip nothing: a missing feature would show as a
 // skip, which fails this test.
 func TestPreCopyBetweenHostsInGuest(t *testing.T) {
-	requiresGuest(t)
+	testutil.RequiresVM(t)
 	dir := t.TempDir()
 	bin := filepath.Join(dir, "bin")
 	build := func(args ...string) { goCmd(t, args...) }

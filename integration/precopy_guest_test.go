@@ -20,7 +20,7 @@ import (
 // final incremental dump, a lazy restore, and a workload that checks every page
 // of its memory afterwards) runs inside a VM guest booting Debian's 6.1 kernel.
 func TestPreCopyInGuest(t *testing.T) {
-	requiresGuest(t)
+	testutil.RequiresVM(t)
 	dir := t.TempDir()
 	build := func(args ...string) { goCmd(t, args...) }
 	build("test", "-c", "-o", filepath.Join(dir, "migrate.test"), "./migrate")
@@ -62,18 +62,6 @@ func TestPreCopyInGuest(t *testing.T) {
 	// It ran, not skipped: the rounds are in its log.
 	if !regexp.MustCompile(`pre-copy: [1-9]\d* rounds`).MatchString(res.Output) {
 		t.Errorf("no pre-copy rounds in the guest's output: the test did not really run")
-	}
-}
-
-// requiresGuest skips (fails, with CI=true) a test that needs a VM guest.
-func requiresGuest(t *testing.T) {
-	t.Helper()
-	testutil.RequiresRoot(t)
-	if err := vmtest.Available(); err != nil {
-		if testutil.OnCI() {
-			t.Fatalf("%v (CI=true: 'make deps' must provide it)", err)
-		}
-		t.Skip(err)
 	}
 }
 

@@ -17,6 +17,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/duplex-ha/duplex/checkpoint"
+	"github.com/duplex-ha/duplex/internal/vmtest"
 )
 
 // OnCI reports whether the tests run under CI (CI=true), where a missing
@@ -30,6 +31,19 @@ func missing(t testing.TB, what string) {
 		t.Fatalf("%s (CI=true: 'make deps' must provide it)", what)
 	}
 	t.Skip(what)
+}
+
+// RequiresVM skips a test that boots a VM guest (internal/vmtest) where the host
+// cannot; with CI=true that is a failure, since 'make deps' provides it.
+func RequiresVM(t testing.TB) {
+	t.Helper()
+	RequiresRoot(t)
+	if err := vmtest.Available(); err != nil {
+		if OnCI() {
+			t.Fatalf("%v (CI=true: 'make deps' must provide it)", err)
+		}
+		t.Skip(err)
+	}
 }
 
 // RequiresRoot skips a test that needs root when not running as root.

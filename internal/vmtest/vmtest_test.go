@@ -15,18 +15,6 @@ import (
 	"github.com/duplex-ha/duplex/internal/vmtest"
 )
 
-// requiresVM skips (fails on CI) unless a guest can boot here.
-func requiresVM(t *testing.T) {
-	t.Helper()
-	testutil.RequiresRoot(t)
-	if err := vmtest.Available(); err != nil {
-		if testutil.OnCI() {
-			t.Fatalf("%v (CI=true: 'make deps' must provide it)", err)
-		}
-		t.Skip(err)
-	}
-}
-
 // logWriter streams the guest's console into the test log.
 type logWriter struct{ t *testing.T }
 
@@ -80,7 +68,7 @@ var guestCheckNames = []string{"mem_dirty_track", "nftables_lock", "pre_dump_1",
 // pre-dump (the core of pre-copy migration) runs there; the other ingredients of a
 // migration test (nftables, veth, bridge, network namespaces, hybrid cgroups) work too.
 func TestGuestKernelTracksDirtyMemory(t *testing.T) {
-	requiresVM(t)
+	testutil.RequiresVM(t)
 	eng := testutil.RequiresCRIU(t)
 	if ok, err := eng.HasFeature(context.Background(), checkpoint.FeatureMemDirtyTrack); err != nil {
 		t.Fatal(err)
@@ -114,7 +102,7 @@ func TestGuestKernelTracksDirtyMemory(t *testing.T) {
 // nftables network lock), with the helper program prebuilt and found via testutil's
 // DUPLEX_TESTBIN_DIR.
 func TestCheckpointTestsRunInGuest(t *testing.T) {
-	requiresVM(t)
+	testutil.RequiresVM(t)
 	dir := t.TempDir()
 	goBuild(t, "test", "-c", "-o", filepath.Join(dir, "checkpoint.test"), "./checkpoint")
 	goBuild(t, "build", "-o", filepath.Join(dir, "bin", "testprog"), "./internal/testprog")
@@ -146,7 +134,7 @@ func TestCheckpointTestsRunInGuest(t *testing.T) {
 }
 
 func TestExitStatusAndOutput(t *testing.T) {
-	requiresVM(t)
+	testutil.RequiresVM(t)
 	res, err := vmtest.Run(context.Background(), vmtest.Config{
 		Command:   []string{"sh", "-c", `echo "out $GREETING"; echo err >&2; printf no-newline; exit 7`},
 		Env:       []string{"GREETING=it's here"},
