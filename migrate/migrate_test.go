@@ -632,3 +632,42 @@ func TestSweepStalePreparedMigration(t *testing.T) {
 		t.Errorf("source workload: %s", a.State)
 	}
 }
+
+func TestPrepareReservesMemory(t *testing.T) {
+	p := newPair(t)
+	rec := p.run(t, "counter", "counter")
+	caps, err := p.src.Caps(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	const mem = 96 << 20
+	before := rssKiB(os.Getpid())
+	resp, err := p.dst.Prepare(context.Background(), migrate.PrepareRequest{ID: "reserve-1", Workload: rec, Strategy: migrate.StopCopy, Source: caps, Memory: mem})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.Reserved != mem {
+		t.Errorf("reserved %d MiB, want %d", resp.Reserved>>20, mem>>20)
+	}
+	// The reservation is written, so it is resident in the destination (this process).
+	if grew := rssKiB(os.Getpid()) - before; grew < (mem>>10)*9/10 {
+		t.Errorf("resident memory grew by %d KiB at Prepare, want about %d", grew, mem>>10)
+	}
+	held := rssKiB(os.Getpid())
+	if err := p.dst.Abort(context.Background(), "reserve-1"); err != nil {
+		t.Fatal(err)
+	}
+	if fell := held - rssKiB(os.Getpid()); fell < (mem>>10)*9/10 {
+		t.Errorf("resident memory fell by %d KiB at Abort, want about %d", fell, mem>>10)
+	}
+
+	p.dst.NoReserve = true
+	resp, err = p.dst.Prepare(context.Background(), migrate.PrepareRequest{ID: "reserve-2", Workload: rec, Strategy: migrate.StopCopy, Source: caps, Memory: mem})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.dst.Abort(context.Background(), "reserve-2")
+	if resp.Reserved != 0 {
+		t.Errorf("NoReserve: reserved %d MiB", resp.Reserved>>20)
+	}
+}

@@ -63,6 +63,8 @@ type PrepareResponse struct {
 	// PageServer names the destination's page server for logs; memory travels
 	// through Pages, never to a listening port.
 	PageServer string `json:"page_server"`
+	// Reserved is the memory the destination set aside for the incoming pages.
+	Reserved int64 `json:"reserved,omitempty"`
 }
 
 // Received reports an image stream the destination accepted.

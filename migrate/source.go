@@ -208,9 +208,15 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 		return nil, fmt.Errorf("migrate %s: %w", rec.Name, err)
 	}
 	res.Strategy = strategy
-	if _, err := dst.Prepare(ctx, PrepareRequest{ID: res.ID, Workload: rec, Strategy: strategy, Source: srcCaps, OpenFiles: files, Memory: mem}); err != nil {
+	// The destination sets the workload's memory aside before answering: at 2 GiB
+	// that can take seconds, so say what is going on.
+	emit(Progress{Workload: req.Workload, Phase: PhasePreflight, Elapsed: time.Since(start),
+		Message: fmt.Sprintf("strategy %s; %s prepares for %d MiB", strategy, req.To, mem>>20)})
+	prep, err := dst.Prepare(ctx, PrepareRequest{ID: res.ID, Workload: rec, Strategy: strategy, Source: srcCaps, OpenFiles: files, Memory: mem})
+	if err != nil {
 		return nil, fmt.Errorf("migrate %s to %s: %w", rec.Name, req.To, err)
 	}
+	log.WithFields(logrus.Fields{"page_server": prep.PageServer, "reserved_mib": prep.Reserved >> 20}).Debug("destination prepared")
 	dir := filepath.Join(s.WorkDir, res.ID)
 	defer os.RemoveAll(dir)
 

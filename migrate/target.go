@@ -45,6 +45,8 @@ type Target struct {
 	// the copy runs at once and a local lazy-pages daemon fills its memory in from
 	// the images that already arrived; the source stays frozen until it is done.
 	EagerRestore bool
+	// NoReserve skips reserving the incoming memory at Prepare (see memReserve).
+	NoReserve bool
 	// StaleAfter is how long a migration may stay prepared without being restored
 	// before Sweep aborts it (its source died or gave up); 0 means 10 minutes.
 	StaleAfter time.Duration
@@ -72,6 +74,8 @@ type incoming struct {
 	busy      bool
 	// prepared is the restore made ready at Prepare (its cgroup and CRIU process).
 	prepared *workload.PreparedRestore
+	// reserve holds memory for the incoming pages until they arrive.
+	reserve *memReserve
 }
 
 type lazyStarted struct {
@@ -159,6 +163,13 @@ func (t *Target) Prepare(ctx context.Context, req PrepareRequest) (PrepareRespon
 		}
 		in.prepared = p
 	}
+	if !t.NoReserve {
+		r, err := reserveMemory(int64(req.Memory))
+		if err != nil {
+			return fail(fmt.Errorf("%w: %s cannot hold the workload's memory: %w", ErrPreflight, t.Host, err))
+		}
+		in.reserve = r
+	}
 	// The page server listens on nothing: it serves one end of a socket pair whose
 	// other end the source reaches through Pages.
 	criuEnd, ours, err := bigSocketPair()
@@ -174,16 +185,16 @@ func (t *Target) Prepare(ctx context.Context, req PrepareRequest) (PrepareRespon
 			t.startLazyPages(in)
 		}
 		t.put(in)
-		t.log().WithFields(logrus.Fields{"migration": req.ID, "workload": req.Workload.Name}).Info("prepared incoming post-copy migration")
-		return PrepareResponse{PageServer: t.Host + " lazy-pages"}, nil
+		t.log().WithFields(logrus.Fields{"migration": req.ID, "workload": req.Workload.Name, "reserved_mib": in.reserve.size() >> 20}).Info("prepared incoming post-copy migration")
+		return PrepareResponse{PageServer: t.Host + " lazy-pages", Reserved: in.reserve.size()}, nil
 	}
 	if err := t.startPageServer(ctx, in, criuEnd, ours, ""); err != nil {
 		return fail(fmt.Errorf("prepare %s: %w", req.ID, err))
 	}
 	ps := in.ps
 	t.put(in)
-	t.log().WithFields(logrus.Fields{"migration": req.ID, "workload": req.Workload.Name, "page_server": ps.Pid}).Info("prepared incoming migration")
-	return PrepareResponse{PageServer: fmt.Sprintf("%s pid %d", t.Host, ps.Pid)}, nil
+	t.log().WithFields(logrus.Fields{"migration": req.ID, "workload": req.Workload.Name, "page_server": ps.Pid, "reserved_mib": in.reserve.size() >> 20}).Info("prepared incoming migration")
+	return PrepareResponse{PageServer: fmt.Sprintf("%s pid %d", t.Host, ps.Pid), Reserved: in.reserve.size()}, nil
 }
 
 // Pages implements Destination: it hands out the page server's connection, once.
@@ -206,6 +217,9 @@ func (t *Target) Pages(ctx context.Context, id string) (io.ReadWriteCloser, erro
 	in.tunnel = nil
 	if err != nil {
 		return nil, fmt.Errorf("migration %s: page channel: %w", id, err)
+	}
+	if in.reserve != nil {
+		return &reservingConn{ReadWriteCloser: c, r: in.reserve}, nil
 	}
 	return c, nil
 }
@@ -449,6 +463,9 @@ func (t *Target) Restore(ctx context.Context, id string) (RestoreResponse, error
 	}
 	in.restored = true
 	resp.Lazy = lazy
+	if !postCopy {
+		in.reserve.free() // every page is here
+	}
 	if lazy {
 		// The copy runs while its memory arrives. Should the transfer fail, the
 		// missing pages would read as zeroes: stop the copy rather than let it run
@@ -595,6 +612,7 @@ func (t *Target) drop(in *incoming) {
 		}
 	}
 	in.prepared.Close() // a no-op once a restore took it
+	in.reserve.free()
 	_ = os.RemoveAll(in.dir)
 	t.mu.Lock()
 	delete(t.m, in.req.ID)

@@ -181,6 +181,7 @@ func (d *Daemon) joinCluster(ctx context.Context) (*clusterNode, error) {
 	target := &migrate.Target{
 		Host: cfg.Name, Addr: host, WorkDir: filepath.Join(cfg.RunDir, "incoming"),
 		Engine: d.eng, Workloads: d.wl, VIPs: d.vips, Caps: caps, Log: d.log.WithField("role", "destination"),
+		NoReserve: cfg.NoMemoryReserve,
 	}
 	n.source = &migrate.Source{
 		Host: cfg.Name, WorkDir: filepath.Join(cfg.RunDir, "outgoing"), Workloads: d.wl, VIPs: d.vips,

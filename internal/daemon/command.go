@@ -99,6 +99,7 @@ Settings come from flags, then the config file (YAML, keys as the flags with
 	f.BoolVar(&fc.EBPFMemory, "ebpf-memory", false, "also run the per-process memory probe (kmem/rss_stat; costly under allocation storms)")
 	f.StringVar(&fc.Role, "role", "primary", "what this host joins the cluster as the first time: primary or spare")
 	f.BoolVar(&fc.NoController, "no-controller", false, "stay out of the cluster controller's election")
+	f.BoolVar(&fc.NoMemoryReserve, "no-memory-reserve", false, "do not set an incoming migration's memory aside before its source freezes")
 	f.StringVar(&fc.Capacity, "capacity", "", "memory workloads may use on this host, e.g. 24GiB (default: all)")
 	f.StringVar(&fc.LogLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&fc.LogFormat, "log-format", "text", "text or json")
@@ -130,6 +131,9 @@ func merge(cmd *cobra.Command, fc, file *fileConfig) {
 	set("capacity", &fc.Capacity, file.Capacity)
 	if !cmd.Flags().Changed("no-controller") && file.NoController {
 		fc.NoController = true
+	}
+	if !cmd.Flags().Changed("no-memory-reserve") && file.NoMemoryReserve {
+		fc.NoMemoryReserve = true
 	}
 	if !cmd.Flags().Changed("criu-hardware-breakpoints") && file.CRIUHardwareBreakpoints {
 		fc.CRIUHardwareBreakpoints = true

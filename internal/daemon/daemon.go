@@ -67,6 +67,9 @@ type Config struct {
 	Role string `json:"role"`
 	// NoController keeps this duplexd out of the controller election.
 	NoController bool `json:"no_controller"`
+	// NoMemoryReserve skips setting an incoming migration's memory aside at
+	// Prepare (see migrate.Target.NoReserve).
+	NoMemoryReserve bool `json:"no_memory_reserve"`
 	// Controller is the cluster controller's policy (used while this host leads).
 	Controller controller.Policy `json:"controller"`
 	// Rejuvenate is this host's rejuvenation ladder.
