@@ -93,6 +93,15 @@ func (e *Engine) dumpCommand(ctx context.Context, o DumpOptions, op, logName str
 	var once sync.Once
 	unlock := func() { once.Do(dumpMu.Unlock) }
 	defer unlock()
+	copied := 0
+	if op == "dump" {
+		// As late as possible before the freeze: the copy is used only where
+		// nothing changed since. Without a copy CRIU reads /proc as usual.
+		sc, _ := e.copySmaps(ctx, o.Pid, o.ImagesDir)
+		defer sc.close()
+		copied = sc.count()
+		cmd.Env, cmd.ExtraFiles = sc.apply(cmd.Env, cmd.ExtraFiles)
+	}
 	start := time.Now()
 	// Like every dump, it runs to its end whatever ctx says.
 	if err := cmd.Start(); err != nil {
@@ -121,7 +130,9 @@ func (e *Engine) dumpCommand(ctx context.Context, o DumpOptions, op, logName str
 		}
 		return nil, criuError(op, err, filepath.Join(o.ImagesDir, logName))
 	}
-	return finishDump(o, logName, wall), nil
+	st := finishDump(o, logName, wall)
+	st.SmapsCopied = copied
+	return st, nil
 }
 
 // LazyPipeSize is the pipe size CRIU's lazy page server asks for, rounded up to

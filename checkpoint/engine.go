@@ -14,6 +14,8 @@ import (
 	"github.com/checkpoint-restore/go-criu/v7/stats"
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
+
+	"github.com/duplex-ha/duplex/ebpf"
 )
 
 // Log file names CRIU writes into the images directory.
@@ -84,8 +86,14 @@ type Engine struct {
 	// debug-register breakpoint traps to the hypervisor: on the development VM it
 	// cost 13-23 ms of every dump's frozen time, against about 1 ms for stepping.
 	HardwareBreakpoints bool
+	// NoSmapsCopy turns off the smaps copy (see smapsCopy), which a CRIU with
+	// FeatureSmapsCopy on a kernel that runs the VMA iterator otherwise uses for
+	// every dump over a page channel (migrations).
+	NoSmapsCopy bool
 
 	features featureCache
+	vmaOnce  sync.Once
+	vmaIter  *ebpf.VMAIter
 }
 
 // New returns an Engine using the CRIU binary at path ("" means FindCRIU()).
@@ -167,6 +175,11 @@ type DumpStats struct {
 	PagesLazy          uint64
 
 	Wall time.Duration // wall time of the whole CRIU call
+
+	// SmapsCopied is the number of the tree's processes whose smaps were copied
+	// before the freeze (see Engine.NoSmapsCopy); CRIU used each copy whose VMAs
+	// had not changed, and says so in its log.
+	SmapsCopied int
 
 	// LockTable is the nftables table CRIU locked the network with ("" if none).
 	// After a LeaveStopped dump it stays until Rollback or Discard removes it.

@@ -22,6 +22,10 @@ const (
 	// restore connects, so it can start before they arrive (duplex's CRIU patches,
 	// contrib/criu/lazy-pages-before-images.patch).
 	FeatureLazyPagesBeforeImages = "lazy_pages_before_images"
+	// FeatureSmapsCopy: a dump takes each process's smaps from a copy made before
+	// the freeze when a VMA iterator shows nothing changed (duplex's CRIU patches,
+	// contrib/criu/smaps-copy.patch; see Engine.NoSmapsCopy).
+	FeatureSmapsCopy = "smaps_copy"
 )
 
 type featureCache struct {

@@ -328,6 +328,16 @@ func TestPageServerOverGivenConnection(t *testing.T) {
 	if st.FrozenTime > 150*time.Millisecond {
 		t.Logf("note: frozen %s", st.FrozenTime)
 	}
+	if ok, _ := eng.HasFeature(ctx, checkpoint.FeatureSmapsCopy); ok && !eng.NoSmapsCopy {
+		// The counter is one process; its smaps were copied before the freeze, and
+		// the restore below shows the dump that used the copy is sound.
+		log, _ := os.ReadFile(filepath.Join(src, checkpoint.DumpLog))
+		used := strings.Contains(string(log), "the copy made before the freeze")
+		if st.SmapsCopied != 1 {
+			t.Errorf("smaps copied for %d processes, want 1", st.SmapsCopied)
+		}
+		t.Logf("smaps copy used: %v", used)
+	}
 	copyMissing(t, src, dst)
 	if err := checkpoint.Discard(rec.Pid, st.LockTable); err != nil {
 		t.Fatal(err)
