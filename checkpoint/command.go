@@ -104,8 +104,12 @@ func (e *Engine) dumpCommand(ctx context.Context, o DumpOptions, op, logName str
 	}
 	start := time.Now()
 	// Like every dump, it runs to its end whatever ctx says.
+	began := time.Now()
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("%s: start %s: %w", op, e.Path(), err)
+	}
+	if o.Started != nil {
+		o.Started(began)
 	}
 	if statusR != nil {
 		cmd.ExtraFiles[1].Close() // only CRIU writes the status

@@ -153,6 +153,9 @@ type DumpOptions struct {
 	// Ready, if set, is called once the images are complete (for a lazy dump: when
 	// CRIU starts serving pages), so that they can be sent while the dump goes on.
 	Ready func()
+	// Started, if set, is called with the moment the CRIU process started, which
+	// is before it seized the tree (see SeizeStart).
+	Started func(time.Time)
 	// Lazy leaves memory pages on this host, served from Lazy's address to the
 	// destination's lazy-pages daemon. The dump returns once every page was served.
 	Lazy *Address

@@ -162,30 +162,33 @@ func criuError(op string, err error, logPath string) error {
 	return &CRIUError{Op: op, Err: err, LogPath: logPath, Lines: lines, Missing: missing}
 }
 
-// SeizeOffset reads a CRIU log for the moment CRIU seized (stopped) the first task
-// of the tree, as time since CRIU started logging. Before it the tree still runs:
-// CRIU first probes the kernel and reads the tree. ok is false when the log has no
-// such line (yet).
-func SeizeOffset(logPath string) (d time.Duration, ok bool) {
+// SeizeStart reads from a dump's CRIU log how long after CRIU's start it was
+// about to seize the tree: the time of the last line before "Seized task". The
+// tree still ran then, so counting the freeze from CRIU's start plus this never
+// counts less than the real downtime, and at most the seize itself (about a
+// millisecond) more.
+func SeizeStart(logPath string) (d time.Duration, ok bool) {
 	b, err := os.ReadFile(logPath)
 	if err != nil {
 		return 0, false
 	}
+	var last time.Duration
+	var seen bool
 	for _, l := range strings.Split(string(b), "\n") {
-		if !strings.Contains(l, "Seized task ") {
-			continue
-		}
 		var sec, usec int64
 		if _, err := fmt.Sscanf(l, "(%d.%d)", &sec, &usec); err != nil {
-			return 0, false
+			continue
 		}
-		return time.Duration(sec)*time.Second + time.Duration(usec)*time.Microsecond, true
+		if strings.Contains(l, "Seized task ") {
+			return last, seen
+		}
+		last, seen = time.Duration(sec)*time.Second+time.Duration(usec)*time.Microsecond, true
 	}
 	return 0, false
 }
 
 // SeizeWatch watches a process for the moment a tracer (CRIU) seizes it, which is
-// when a dump freezes it, by polling its TracerPid. SeizeOffset reads the same
+// when a dump freezes it, by polling its TracerPid. SeizeStart reads the same
 // moment from CRIU's log, but only relative to CRIU's own start, after its exec
 // and dynamic loading (several milliseconds).
 type SeizeWatch struct {

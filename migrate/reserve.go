@@ -27,6 +27,7 @@ type memReserve struct {
 	mem      []byte
 	released int   // bytes from the front given back so far
 	arrived  int64 // page bytes that arrived, over all of the migration's channels
+	paused   bool  // count arrivals, give nothing back (see pause)
 }
 
 const (
@@ -102,11 +103,40 @@ func (r *memReserve) arrive(n int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.arrived += int64(n)
-	for r.mem != nil && int64(r.released) < r.arrived+reserveAhead && r.released < len(r.mem) {
+	r.release()
+}
+
+// release gives memory back up to reserveAhead beyond what arrived. r.mu is held.
+func (r *memReserve) release() {
+	for !r.paused && r.mem != nil && int64(r.released) < r.arrived+reserveAhead && r.released < len(r.mem) {
 		end := min(r.released+reserveChunk, len(r.mem))
 		_ = unix.Madvise(r.mem[r.released:end], unix.MADV_DONTNEED)
 		r.released = end
 	}
+}
+
+// pause stops giving memory back until resume. Post-copy pauses through the
+// restore: pages the restore faults in arrive then, and giving back 64 MiB (a few
+// milliseconds of the kernel's time, and TLB flushes on every CPU) would fall into
+// the downtime.
+func (r *memReserve) pause() {
+	if r == nil {
+		return
+	}
+	r.mu.Lock()
+	r.paused = true
+	r.mu.Unlock()
+}
+
+// resume undoes pause and catches up with what arrived meanwhile.
+func (r *memReserve) resume() {
+	if r == nil {
+		return
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.paused = false
+	r.release()
 }
 
 // free gives back whatever is left. It may be called more than once.

@@ -57,6 +57,17 @@ func TestReserveMemory(t *testing.T) {
 	if n, want := resident(t, r.mem[r.released:]), (len(r.mem)-r.released)/4096; n != want {
 		t.Errorf("%d of %d pages not yet released are resident", n, want)
 	}
+	// Paused, arrivals are counted and nothing is given back until resume.
+	r.pause()
+	held := r.released
+	r.arrive(2 * reserveChunk)
+	if r.released != held {
+		t.Errorf("released %d bytes while paused, had %d", r.released, held)
+	}
+	r.resume()
+	if want := int((1 + 2*reserveChunk + reserveAhead + reserveChunk - 1) / reserveChunk * reserveChunk); r.released != want {
+		t.Errorf("released %d bytes after resume, want %d", r.released, want)
+	}
 	// Arrivals add up; past the end everything is released and nothing breaks.
 	r.arrive(int(r.size()))
 	if r.released != len(r.mem) || resident(t, r.mem) != 0 {
@@ -68,6 +79,8 @@ func TestReserveMemory(t *testing.T) {
 
 	var none *memReserve // no reservation: every method is a no-op
 	none.arrive(1)
+	none.pause()
+	none.resume()
 	none.free()
 	if none.size() != 0 {
 		t.Error("a nil reservation has a size")

@@ -261,6 +261,8 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 	}
 	defer held.drop()
 	freeze := time.Now()
+	var started atomic.Int64 // when CRIU started, in Unix nanoseconds
+	criuStarted := func(t time.Time) { started.Store(t.UnixNano()) }
 	seize := checkpoint.WatchSeize(rec.Pid)
 	defer seize.Seized()
 	moved := res.PageBytes // by pre-copy's rounds
@@ -280,7 +282,7 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 			// complete copy.
 			st, err := s.Workloads.Checkpoint(context.WithoutCancel(ctx), rec.Name, workload.CheckpointOptions{
 				Dir: dir, LeaveStopped: true, TCPEstablished: true, NetworkLock: checkpoint.LockNFTables,
-				PageServerConn: criuEnd, LazyConn: true, Ready: func() { close(ready) },
+				PageServerConn: criuEnd, LazyConn: true, Ready: func() { close(ready) }, Started: criuStarted,
 			})
 			criuEnd.Close()
 			dumped <- dumpResult{st, err}
@@ -298,7 +300,7 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 	} else {
 		st, err := s.Workloads.Checkpoint(ctx, rec.Name, workload.CheckpointOptions{
 			Dir: dir, LeaveStopped: true, TCPEstablished: true, NetworkLock: checkpoint.LockNFTables,
-			PageServerConn: criuEnd, ParentDir: parent,
+			PageServerConn: criuEnd, ParentDir: parent, Started: criuStarted,
 		})
 		criuEnd.Close()
 		dumpEnd = time.Now()
@@ -414,13 +416,19 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 		return rollback(err)
 	}
 	// The tree stopped when CRIU seized it, after CRIU had started and probed the
-	// kernel. The watch saw it last running just before; failing that, CRIU's log
-	// says when, counted from its start, which came after freeze. Either way this
-	// never counts less than the real downtime.
+	// kernel. Two moments are known to come before: the watch saw the tree last
+	// running untraced (late if the watcher was short of CPU), and CRIU's log says
+	// when, counted from CRIU's start, it was about to seize. Counting from the
+	// later of the two never counts less than the real downtime.
 	if before, ok := seize.Seized(); ok && before.After(freeze) {
 		freeze = before
-	} else if off, ok := checkpoint.SeizeOffset(filepath.Join(dir, checkpoint.DumpLog)); ok && off < time.Since(freeze) {
-		freeze = freeze.Add(off)
+	}
+	if st := started.Load(); st != 0 {
+		if off, ok := checkpoint.SeizeStart(filepath.Join(dir, checkpoint.DumpLog)); ok {
+			if t := time.Unix(0, st).Add(off); t.After(freeze) && t.Before(time.Now()) {
+				freeze = t
+			}
+		}
 	}
 	restored := time.Now()
 	res.Held, res.Replayed = held.send(ctx, dst, res.ID, log)

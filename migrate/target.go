@@ -179,6 +179,7 @@ func (t *Target) Prepare(ctx context.Context, req PrepareRequest) (PrepareRespon
 	if req.Strategy == PostCopy {
 		// The source serves the pages; our lazy-pages daemon fetches them at restore.
 		in.lazyEnd, in.tunnel = criuEnd, ours
+		in.reserve.pause() // until the restored copy runs
 		if early, _ := t.Engine.HasFeature(ctx, checkpoint.FeatureLazyPagesBeforeImages); early {
 			// A CRIU whose daemon reads the images only when the restore connects
 			// starts now, outside the downtime, instead of once the images land.
@@ -487,6 +488,9 @@ func (t *Target) Restore(ctx context.Context, id string) (RestoreResponse, error
 		}
 	}
 	resp.AnnounceMS = ms(time.Since(start))
+	if postCopy {
+		go in.reserve.resume() // the memory follows now, outside the downtime
+	}
 	resp.Workload = rec
 	resp.RestoreMS = ms(res.RestoreTime)
 	resp.RestoreWallMS = ms(res.Wall)

@@ -45,6 +45,8 @@ type CheckpointOptions struct {
 	LazyConn bool
 	// Ready is called once the images are complete (see checkpoint.DumpOptions).
 	Ready func()
+	// Started is called with the moment CRIU started (see checkpoint.DumpOptions).
+	Started func(time.Time)
 	// ParentDir is the last pre-dump's images directory (see PreDump): only the
 	// pages written since then are dumped. It needs dirty-memory tracking.
 	ParentDir string
@@ -172,6 +174,7 @@ func (m *Manager) Checkpoint(ctx context.Context, name string, opts CheckpointOp
 		PageServerConn: opts.PageServerConn,
 		LazyConn:       opts.LazyConn,
 		Ready:          opts.Ready,
+		Started:        opts.Started,
 		ParentDir:      opts.ParentDir,
 		TrackMem:       opts.ParentDir != "",
 	})
