@@ -406,7 +406,7 @@ func TestLazyPagesBeforeImages(t *testing.T) {
 			if tc.mode == "dirty-thp" {
 				thpAlways(t)
 			}
-			lazyRestoreChecked(t, eng, tc.mode)
+			lazyRestoreChecked(t, eng, tc.mode, "32M")
 		})
 	}
 }
@@ -430,9 +430,40 @@ func thpAlways(t *testing.T) {
 	})
 }
 
-func lazyRestoreChecked(t *testing.T, eng *checkpoint.Engine, mode string) {
-	rec := launch(t, "lazyearly", mode, "32M", "4M")
-	testutil.Eventually(t, 30*time.Second, "the workload to fill its memory", func() bool {
+// A run of present pages of 2 GiB or more used to end the lazy-pages daemon
+// before the restore finished: once duplex's CRIU wrote one pagemap entry per run
+// (lazy-dump-one-buf.patch), the daemon's transfer buffer, sized by the longest
+// entry in an int, overflowed. The bench's 2 GiB service caught it (and the
+// migration rolled back); this checks every page of a 2.1 GiB workload after a lazy
+// restore. It needs about 4.5 GiB of free memory (both copies) and takes 15-30 s.
+func TestLazyRestoreOver2GiB(t *testing.T) {
+	eng := testutil.RequiresCRIU(t, checkpoint.FeatureUFFDNonCoop, checkpoint.FeatureLazyPagesBeforeImages)
+	if avail := memAvailableMiB(t); avail < 6<<10 {
+		t.Skipf("needs 6 GiB of available memory, this host has %d MiB", avail)
+	}
+	lazyRestoreChecked(t, eng, "dirty", "2100M")
+}
+
+// memAvailableMiB is the host's MemAvailable.
+func memAvailableMiB(t *testing.T) int {
+	t.Helper()
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		var kb int
+		if _, err := fmt.Sscanf(l, "MemAvailable: %d kB", &kb); err == nil {
+			return kb >> 10
+		}
+	}
+	t.Fatal("no MemAvailable in /proc/meminfo")
+	return 0
+}
+
+func lazyRestoreChecked(t *testing.T, eng *checkpoint.Engine, mode, size string) {
+	rec := launch(t, "lazyearly", mode, size, "4M")
+	testutil.Eventually(t, 2*time.Minute, "the workload to fill its memory", func() bool {
 		b, _ := os.ReadFile(rec.Stdout)
 		return strings.Contains(string(b), "READY")
 	})
@@ -441,7 +472,7 @@ func lazyRestoreChecked(t *testing.T, eng *checkpoint.Engine, mode string) {
 			t.Fatalf("the workload has %d KiB in huge pages: the test would not test them", kib)
 		}
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	src, dst := t.TempDir(), t.TempDir()
 	a, b := socketPair(t)
@@ -467,7 +498,7 @@ func lazyRestoreChecked(t *testing.T, eng *checkpoint.Engine, mode string) {
 	if err := <-dumped; err != nil {
 		t.Fatalf("lazy dump: %v", err)
 	}
-	testutil.Eventually(t, 10*time.Second, "two checks of every page by the restored workload", func() bool {
+	testutil.Eventually(t, 2*time.Minute, "two checks of every page by the restored workload", func() bool {
 		out := stdout()
 		if strings.Contains(out, "CORRUPT") {
 			t.Fatalf("the restored workload found a corrupt page: %s", out[strings.Index(out, "CORRUPT"):])
