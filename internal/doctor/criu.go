@@ -10,12 +10,13 @@ import (
 	"strings"
 
 	"github.com/duplex-ha/duplex/checkpoint"
+	"github.com/duplex-ha/duplex/ebpf"
 )
 
 const makeDeps = "run 'make deps'"
 
 // checkCRIU returns the checks that ask CRIU: criu, criu-check, uffd, lazy-dump,
-// dirty-tracking and nftables-lock, in that order.
+// smaps-copy, dirty-tracking and nftables-lock, in that order.
 func checkCRIU(ctx context.Context, o Options) []Check {
 	eng := checkpoint.New(o.CRIUPath)
 	path := eng.Path()
@@ -67,6 +68,7 @@ func checkCRIU(ctx context.Context, o Options) []Check {
 		lazy.Detail = "CRIU without duplex's patches: post-copy's lazy dump copies every page while the workload is frozen, so its downtime grows with memory; 'make deps' builds the patched CRIU"
 	}
 	checks = append(checks, lazy)
+	checks = append(checks, checkSmapsCopy(ctx, eng))
 
 	checks = append(checks, checkDirtyTracking(ctx, eng))
 
@@ -77,6 +79,32 @@ func checkCRIU(ctx context.Context, o Options) []Check {
 		"CRIU cannot lock the network with nftables (duplex dumps TCP with --network-lock nftables); needs a CRIU built with libnftables, "+makeDeps)
 	checks = append(checks, nft)
 	return checks
+}
+
+// checkSmapsCopy reports whether a migration's dump can read smaps before the
+// freeze: CRIU with duplex's smaps-copy patch, and a kernel that runs the BPF VMA
+// iterator that checks the copy inside the freeze.
+func checkSmapsCopy(ctx context.Context, eng *checkpoint.Engine) Check {
+	c := Check{Name: "smaps-copy"}
+	const cost = "CRIU reads /proc/PID/smaps inside the freeze, a walk of every page table (about 10-15 ms per GiB of 4 KiB pages)"
+	ok, msg, err := eng.CheckFeature(ctx, checkpoint.FeatureSmapsCopy)
+	if err != nil || !ok {
+		c.Status, c.Detail = criuVerdict(ctx, ok, msg, err, "", "CRIU without duplex's smaps-copy patch: "+cost+"; "+makeDeps)
+		if c.Status == Missing {
+			c.Status = Warn
+		}
+		return c
+	}
+	it, err := ebpf.LoadVMAIter()
+	if err != nil {
+		c.Status = Warn
+		c.Detail = fmt.Sprintf("the kernel cannot run the BPF VMA iterator (task_vma, Linux >= 5.12 with BTF): %v; %s", err, cost)
+		return c
+	}
+	it.Close()
+	c.Status = OK
+	c.Detail = "a dump reads smaps before the freeze; CRIU uses the copy where a BPF VMA iterator shows nothing changed"
+	return c
 }
 
 // checkDirtyTracking asks CRIU for mem_dirty_track and cross-checks the kernel
@@ -144,6 +172,7 @@ func criuUnavailable(path string) []Check {
 		{Name: "criu-check", Status: Missing, Required: true, Detail: why},
 		{Name: "uffd", Status: Missing, Detail: why},
 		{Name: "lazy-dump", Status: Missing, Detail: why},
+		{Name: "smaps-copy", Status: Missing, Detail: why},
 		{Name: "dirty-tracking", Status: Missing, Detail: why},
 		{Name: "nftables-lock", Status: Missing, Required: true, Detail: why},
 	}

@@ -70,7 +70,7 @@ type probe func(ctx context.Context, o Options) []Check
 var probes = []probe{
 	func(context.Context, Options) []Check { return []Check{checkKernel()} },
 	func(context.Context, Options) []Check { return []Check{checkRoot()} },
-	checkCRIU, // criu, criu-check, uffd, lazy-dump, dirty-tracking, nftables-lock
+	checkCRIU, // criu, criu-check, uffd, lazy-dump, smaps-copy, dirty-tracking, nftables-lock
 	func(ctx context.Context, _ Options) []Check { return []Check{checkNFT(ctx)} },
 	func(ctx context.Context, _ Options) []Check { return []Check{checkPIDNS(ctx)} },
 	func(context.Context, Options) []Check { return []Check{checkCgroups()} },

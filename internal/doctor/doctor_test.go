@@ -12,12 +12,14 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/duplex-ha/duplex/checkpoint"
+	"github.com/duplex-ha/duplex/ebpf"
 	"github.com/duplex-ha/duplex/internal/doctor"
 	"github.com/duplex-ha/duplex/internal/testutil"
 )
 
 var allChecks = []string{
-	"kernel", "root", "criu", "criu-check", "uffd", "lazy-dump", "dirty-tracking", "nftables-lock",
+	"kernel", "root", "criu", "criu-check", "uffd", "lazy-dump", "smaps-copy", "dirty-tracking", "nftables-lock",
 	"nft", "pidns", "cgroups", "tracefs", "btf", "ebpf-tracepoint", "pipe-max-size", "thp",
 }
 
@@ -211,6 +213,19 @@ func TestLazyDumpFollowsCRIUBuild(t *testing.T) {
 	}
 	if c.Status != want {
 		t.Errorf("lazy-dump is %s (%s), want %s for GitID %q", c.Status, c.Detail, want, v.GitID)
+	}
+	// smaps-copy is ok only with the patch and a kernel that runs the iterator.
+	sc, ok := r.Get("smaps-copy")
+	if !ok {
+		t.Fatal("no smaps-copy check")
+	}
+	has, _ := eng.HasFeature(context.Background(), checkpoint.FeatureSmapsCopy)
+	it, itErr := ebpf.LoadVMAIter()
+	if itErr == nil {
+		it.Close()
+	}
+	if want := has && itErr == nil; (sc.Status == doctor.OK) != want {
+		t.Errorf("smaps-copy is %s (%s); CRIU has it: %v, iterator: %v", sc.Status, sc.Detail, has, itErr)
 	}
 	if crit, _ := r.Get("criu"); v.GitID != "" && !strings.Contains(crit.Detail, v.GitID) {
 		t.Errorf("criu check %q does not name the build %q", crit.Detail, v.GitID)
