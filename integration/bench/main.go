@@ -341,6 +341,25 @@ func (b *bench) duplex(ctx context.Context, name, method string, row *Row) error
 	return nil
 }
 
+// logErrors returns the error lines of a CRIU log (the baseline runs CRIU by hand,
+// and CRIU says why it failed only there), or "".
+func logErrors(path string) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return ""
+	}
+	var errs []string
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.Contains(l, "Error (") && !strings.Contains(l, "RLIMIT_NOFILE") {
+			errs = append(errs, strings.TrimSpace(l))
+		}
+	}
+	if len(errs) > 5 {
+		errs = errs[len(errs)-5:]
+	}
+	return strings.Join(errs, "; ")
+}
+
 // baseline migrates the naive way: criu dump to a directory, copy it, criu restore on
 // the other host, then the address moves.
 func (b *bench) baseline(ctx context.Context, name string, vip netip.Prefix, row *Row) (cleanup func(), err error) {
@@ -376,7 +395,7 @@ func (b *bench) baseline(ctx context.Context, name string, vip netip.Prefix, row
 	start := time.Now()
 	if out, err := h0.Command(ctx, b.criu, "dump", "-t", strconv.Itoa(pid), "-D", src, "-o", "dump.log",
 		"--tcp-established", "--network-lock", "nftables", "--manage-cgroups", "--file-locks").CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("criu dump: %w: %s", err, out)
+		return nil, fmt.Errorf("criu dump: %w: %s%s", err, out, logErrors(filepath.Join(src, "dump.log")))
 	}
 	if out, err := exec.CommandContext(ctx, "cp", "-a", src, dst).CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("copy: %w: %s", err, out)
@@ -390,7 +409,7 @@ func (b *bench) baseline(ctx context.Context, name string, vip netip.Prefix, row
 	pidfile := filepath.Join(b.dir, name+".pid")
 	if out, err := h1.Command(ctx, b.criu, "restore", "-D", dst, "-o", "restore.log", "-d", "--pidfile", pidfile,
 		"--tcp-established", "--network-lock", "nftables", "--manage-cgroups", "--file-locks").CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("criu restore: %w: %s", err, out)
+		return nil, fmt.Errorf("criu restore: %w: %s%s", err, out, logErrors(filepath.Join(dst, "restore.log")))
 	}
 	restored := time.Now()
 	if err := b.nf1.Announce(ctx, v, netfail.Announce{Count: 1, NoRepeat: true}); err != nil {
