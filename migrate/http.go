@@ -60,16 +60,13 @@ func Handler(t *Target) http.Handler {
 		resp, err := t.Prepare(r.Context(), req)
 		reply(w, t, resp, err)
 	})
-	mux.HandleFunc("PUT "+agentPrefix+"/migrations/{id}/images", func(w http.ResponseWriter, r *http.Request) {
-		resp, err := t.SendImages(r.Context(), r.PathValue("id"), r.Body)
-		reply(w, t, resp, err)
-	})
 	mux.HandleFunc("POST "+agentPrefix+"/migrations/{id}/pages", func(w http.ResponseWriter, r *http.Request) {
 		servePages(w, r, t)
 	})
-	mux.HandleFunc("POST "+agentPrefix+"/migrations/{id}/restore", func(w http.ResponseWriter, r *http.Request) {
-		// A restore runs to its end even if the caller goes away; Abort undoes it.
-		resp, err := t.Restore(context.WithoutCancel(r.Context()), r.PathValue("id"))
+	mux.HandleFunc("PUT "+agentPrefix+"/migrations/{id}/restore", func(w http.ResponseWriter, r *http.Request) {
+		// The body is the image stream. Once it ended whole, the restore runs to its
+		// end even if the caller goes away; Abort undoes it.
+		resp, err := t.RestoreImages(context.WithoutCancel(r.Context()), r.PathValue("id"), r.Body)
 		reply(w, t, resp, err)
 	})
 	mux.HandleFunc("POST "+agentPrefix+"/migrations/{id}/replay", func(w http.ResponseWriter, r *http.Request) {
@@ -223,8 +220,8 @@ func (c *Client) Pages(ctx context.Context, id string) (io.ReadWriteCloser, erro
 		resp.Body.Close()
 		return nil, errors.New("page channel: the connection was not upgraded")
 	}
-	// The upgrade took the pooled connection: the next request (the images, right
-	// after the freeze) would pay for a new TLS handshake, 4-5 ms. Make that
+	// The upgrade took the pooled connection: the next request (the images and
+	// restore, opened just before the freeze) would pay for a new TLS handshake, 4-5 ms. Make that
 	// connection now, while the workload still runs.
 	_ = c.call(ctx, http.MethodGet, "/ping", nil, nil)
 	return rw, nil
@@ -303,16 +300,10 @@ func (c *Client) Prepare(ctx context.Context, req PrepareRequest) (PrepareRespon
 	return resp, c.call(ctx, http.MethodPost, "/migrations", jsonBody(req), &resp)
 }
 
-// SendImages implements Destination.
-func (c *Client) SendImages(ctx context.Context, id string, r io.Reader) (Received, error) {
-	var resp Received
-	return resp, c.call(ctx, http.MethodPut, "/migrations/"+url.PathEscape(id)+"/images", r, &resp)
-}
-
-// Restore implements Destination.
-func (c *Client) Restore(ctx context.Context, id string) (RestoreResponse, error) {
+// RestoreImages implements Destination.
+func (c *Client) RestoreImages(ctx context.Context, id string, r io.Reader) (RestoreResponse, error) {
 	var resp RestoreResponse
-	return resp, c.call(ctx, http.MethodPost, "/migrations/"+url.PathEscape(id)+"/restore", nil, &resp)
+	return resp, c.call(ctx, http.MethodPut, "/migrations/"+url.PathEscape(id)+"/restore", r, &resp)
 }
 
 // Commit implements Destination.

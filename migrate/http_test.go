@@ -63,13 +63,13 @@ type servedKey struct{}
 func TestMigrateOverMutualTLS(t *testing.T) {
 	p := newPair(t)
 	fa, fb, _ := certs(t)
-	// The image stream, sent while the workload is frozen, must not wait for a TLS
-	// handshake: its connection has served a request before.
+	// The image stream and restore request, opened just before the freeze, must not
+	// wait for a TLS handshake: its connection has served a request before.
 	h := migrate.Handler(p.dst)
 	var imagesOnFreshConn atomic.Bool
 	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		served := r.Context().Value(servedKey{}).(*atomic.Int32)
-		if strings.HasSuffix(r.URL.Path, "/images") && served.Load() == 0 {
+		if strings.HasSuffix(r.URL.Path, "/restore") && served.Load() == 0 {
 			imagesOnFreshConn.Store(true)
 		}
 		served.Add(1)
@@ -101,7 +101,7 @@ func TestMigrateOverMutualTLS(t *testing.T) {
 	}
 	growing(t, rec.Stdout, "counting on b")
 	// Errors keep their kind across the wire.
-	if _, err := c.Restore(context.Background(), "no-such-migration"); !errors.Is(err, migrate.ErrNoMigration) {
+	if _, err := c.RestoreImages(context.Background(), "no-such-migration", strings.NewReader("")); !errors.Is(err, migrate.ErrNoMigration) {
 		t.Errorf("restore of an unknown migration: %v", err)
 	}
 }
@@ -119,7 +119,7 @@ func TestAgentRefusesPeersWithoutClusterCertificate(t *testing.T) {
 	if _, err := bad.Prepare(ctx, migrate.PrepareRequest{ID: "x", Workload: workload.Record{Spec: workload.Spec{Name: "x"}}}); err == nil {
 		t.Error("an outsider prepared a migration")
 	}
-	if _, err := bad.Restore(ctx, "x"); err == nil || errors.Is(err, migrate.ErrNoMigration) {
+	if _, err := bad.RestoreImages(ctx, "x", strings.NewReader("")); err == nil || errors.Is(err, migrate.ErrNoMigration) {
 		t.Errorf("an outsider reached the restore handler: %v", err)
 	}
 	// No certificate at all.

@@ -15,6 +15,9 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // The images a source streams to its destination travel as a tar stream of regular
@@ -59,65 +62,120 @@ func skipImage(name string) bool {
 // WriteImages streams the regular files of dir (CRIU's images and duplex's
 // workload description; logs excluded) to w and returns the bytes of file content sent.
 func WriteImages(w io.Writer, dir string) (int64, error) {
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		return 0, fmt.Errorf("send images: %w", err)
-	}
+	s := newImageWriter(w, dir)
+	return s.finish()
+}
+
+// imageWriter writes an image stream a file at a time: a file may be sent, and
+// sent again if it changed since, until finish writes the manifest.
+type imageWriter struct {
+	dir   string
+	bw    *bufio.Writer
+	tw    *tar.Writer
+	m     manifest
+	sent  map[string]sentAs
+	total int64 // file content written, resent files included
+}
+
+// sentAs is what a file looked like when it was sent.
+type sentAs struct {
+	ino, size int64
+	mtime     time.Time
+}
+
+func newImageWriter(w io.Writer, dir string) *imageWriter {
 	// Buffered: the stream is mostly small files, and each write would otherwise
 	// become its own TLS record and system call on the agents' connection.
 	bw := bufio.NewWriterSize(w, 256<<10)
-	tw := tar.NewWriter(bw)
-	m := manifest{Files: map[string]fileSum{}}
-	var total int64
+	return &imageWriter{dir: dir, bw: bw, tw: tar.NewWriter(bw), m: manifest{Files: map[string]fileSum{}}, sent: map[string]sentAs{}}
+}
+
+// send writes the file name of the directory to the stream (again, if it was sent
+// before and changed since).
+func (s *imageWriter) send(name string) error {
+	if skipImage(name) || !imageNameRe.MatchString(name) || name == manifestName {
+		return nil
+	}
+	n, sum, as, err := sendFile(s.tw, filepath.Join(s.dir, name), name)
+	if err != nil {
+		return fmt.Errorf("send image %s: %w", name, err)
+	}
+	s.total += n
+	s.m.Files[name] = fileSum{Size: n, SHA256: sum}
+	s.sent[name] = as
+	return nil
+}
+
+// flush pushes what was written so far to the connection.
+func (s *imageWriter) flush() error { return s.bw.Flush() }
+
+// finish sends the directory's files that were not sent yet or changed since they
+// were, then the manifest, and returns the bytes of file content written.
+func (s *imageWriter) finish() (int64, error) {
+	ents, err := os.ReadDir(s.dir)
+	if err != nil {
+		return s.total, fmt.Errorf("send images: %w", err)
+	}
 	for _, e := range ents {
 		if !e.Type().IsRegular() || skipImage(e.Name()) {
 			continue
 		}
-		n, sum, err := sendFile(tw, filepath.Join(dir, e.Name()), e.Name())
-		if err != nil {
-			return total, fmt.Errorf("send image %s: %w", e.Name(), err)
+		if as, ok := s.sent[e.Name()]; ok {
+			if now, err := statAs(filepath.Join(s.dir, e.Name())); err == nil && now == as {
+				continue
+			}
 		}
-		total += n
-		m.Files[e.Name()] = fileSum{Size: n, SHA256: sum}
+		if err := s.send(e.Name()); err != nil {
+			return s.total, err
+		}
 	}
-	b, err := json.Marshal(m)
+	b, err := json.Marshal(s.m)
 	if err != nil {
-		return total, err
+		return s.total, err
 	}
-	if err := tw.WriteHeader(&tar.Header{Name: manifestName, Mode: 0o600, Size: int64(len(b)), Typeflag: tar.TypeReg}); err != nil {
-		return total, err
+	if err := s.tw.WriteHeader(&tar.Header{Name: manifestName, Mode: 0o600, Size: int64(len(b)), Typeflag: tar.TypeReg}); err != nil {
+		return s.total, err
 	}
-	if _, err := tw.Write(b); err != nil {
-		return total, err
+	if _, err := s.tw.Write(b); err != nil {
+		return s.total, err
 	}
-	if err := tw.Close(); err != nil {
-		return total, err
+	if err := s.tw.Close(); err != nil {
+		return s.total, err
 	}
-	return total, bw.Flush()
+	return s.total, s.bw.Flush()
 }
 
-func sendFile(tw *tar.Writer, path, name string) (int64, string, error) {
+func statAs(path string) (sentAs, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return sentAs{}, err
+	}
+	return sentAs{ino: int64(st.Ino), size: st.Size, mtime: time.Unix(st.Mtim.Unix())}, nil
+}
+
+func sendFile(tw *tar.Writer, path, name string) (int64, string, sentAs, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return 0, "", err
+		return 0, "", sentAs{}, err
 	}
 	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return 0, "", err
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return 0, "", sentAs{}, err
 	}
-	if err := tw.WriteHeader(&tar.Header{Name: name, Mode: 0o600, Size: st.Size(), Typeflag: tar.TypeReg}); err != nil {
-		return 0, "", err
+	as := sentAs{ino: int64(st.Ino), size: st.Size, mtime: time.Unix(st.Mtim.Unix())}
+	if err := tw.WriteHeader(&tar.Header{Name: name, Mode: 0o600, Size: st.Size, Typeflag: tar.TypeReg}); err != nil {
+		return 0, "", as, err
 	}
 	h := sha256.New()
 	n, err := io.Copy(io.MultiWriter(tw, h), f)
 	if err != nil {
-		return n, "", err
+		return n, "", as, err
 	}
-	if n != st.Size() {
-		return n, "", fmt.Errorf("size changed while sending (%d != %d)", n, st.Size())
+	if n != st.Size {
+		return n, "", as, fmt.Errorf("size changed while sending (%d != %d)", n, st.Size)
 	}
-	return n, hex.EncodeToString(h.Sum(nil)), nil
+	return n, hex.EncodeToString(h.Sum(nil)), as, nil
 }
 
 // ReadImages receives an image stream into dir, which must exist. It returns the
@@ -136,6 +194,7 @@ func ReadImages(r io.Reader, dir string, lim Limits) (files int, total int64, er
 		return fmt.Errorf("%w: %s", ErrBadImages, fmt.Sprintf(format, a...))
 	}
 	got := map[string]fileSum{}
+	entries := 0
 	tr := tar.NewReader(r)
 	for {
 		hdr, err := tr.Next()
@@ -164,21 +223,32 @@ func ReadImages(r io.Reader, dir string, lim Limits) (files int, total int64, er
 			}
 			return files, total, nil
 		}
-		if files++; files > lim.MaxFiles {
-			return files, total, bad("more than %d files", lim.MaxFiles)
+		// A file the sender saw change after sending it comes again and replaces
+		// what this stream wrote; a name it did not write is never touched.
+		_, again := got[hdr.Name]
+		if !again {
+			if files++; files > lim.MaxFiles {
+				return files, total, bad("more than %d files", lim.MaxFiles)
+			}
+		}
+		if entries++; entries > 2*lim.MaxFiles {
+			return files, total, bad("more than %d entries", 2*lim.MaxFiles)
 		}
 		if total += hdr.Size; total > lim.MaxTotal {
 			return files, total, bad("more than %d bytes", lim.MaxTotal)
 		}
-		if _, dup := got[hdr.Name]; dup {
-			return files, total, bad("entry %q sent twice", hdr.Name)
-		}
 		path := filepath.Join(dir, hdr.Name)
-		f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+		flags := os.O_WRONLY | os.O_CREATE | os.O_EXCL
+		if again {
+			flags = os.O_WRONLY | os.O_TRUNC
+		}
+		f, err := os.OpenFile(path, flags, 0o600)
 		if err != nil {
 			return files, total, bad("entry %q: %v", hdr.Name, err)
 		}
-		written = append(written, path)
+		if !again {
+			written = append(written, path)
+		}
 		h := sha256.New()
 		n, err := io.CopyN(io.MultiWriter(f, h), tr, hdr.Size)
 		cerr := f.Close()

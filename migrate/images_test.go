@@ -83,10 +83,16 @@ func TestImagesRejectHostileStreams(t *testing.T) {
 		{"no manifest", []entry{{hdr: tar.Header{Name: "a.img"}, body: "hello"}}, "without a manifest"},
 		{"corrupt content", []entry{{hdr: tar.Header{Name: "a.img"}, body: "HELLO"}, {hdr: tar.Header{Name: manifestName}, body: good}}, "manifest says"},
 		{"unlisted file", []entry{{hdr: tar.Header{Name: "a.img"}, body: "hello"}, {hdr: tar.Header{Name: "b.img"}, body: "b"}, {hdr: tar.Header{Name: manifestName}, body: good}}, "not in the manifest"},
-		{"duplicate", []entry{{hdr: tar.Header{Name: "a.img"}, body: "hello"}, {hdr: tar.Header{Name: "a.img"}, body: "hello"}}, "a.img"},
+		{"resent, then no manifest", []entry{{hdr: tar.Header{Name: "a.img"}, body: "hello"}, {hdr: tar.Header{Name: "a.img"}, body: "hello"}}, "without a manifest"},
+		{"resent without end", []entry{{hdr: tar.Header{Name: "a.img"}, body: "x"}, {hdr: tar.Header{Name: "a.img"}, body: "x"}, {hdr: tar.Header{Name: "a.img"}, body: "x"},
+			{hdr: tar.Header{Name: "a.img"}, body: "x"}, {hdr: tar.Header{Name: "a.img"}, body: "x"}}, "more than 4 entries"},
 	} {
 		dst := t.TempDir()
-		_, _, err := ReadImages(stream(t, tc.s...), dst, Limits{MaxFiles: 10, MaxFile: 1000, MaxTotal: 10000})
+		lim := Limits{MaxFiles: 10, MaxFile: 1000, MaxTotal: 10000}
+		if strings.HasPrefix(tc.name, "resent without end") {
+			lim.MaxFiles = 2
+		}
+		_, _, err := ReadImages(stream(t, tc.s...), dst, lim)
 		if !errors.Is(err, ErrBadImages) || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: %v, want ErrBadImages mentioning %q", tc.name, err, tc.want)
 		}
@@ -109,6 +115,37 @@ func TestImagesRejectHostileStreams(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(filepath.Join(dst, "pages-1.img")); string(b) != "real pages" {
 		t.Errorf("pages-1.img overwritten: %q", b)
+	}
+}
+
+// A file sent again (it changed after it was sent) replaces what the stream wrote
+// before, and the manifest speaks for the last copy.
+func TestImagesResentFileReplaces(t *testing.T) {
+	dst := t.TempDir()
+	good := manifestFor(t, map[string]string{"a.img": "hello", "b.img": "b"})
+	files, total, err := ReadImages(stream(t,
+		entry{hdr: tar.Header{Name: "a.img"}, body: "an older, longer a.img"},
+		entry{hdr: tar.Header{Name: "b.img"}, body: "b"},
+		entry{hdr: tar.Header{Name: "a.img"}, body: "hello"},
+		entry{hdr: tar.Header{Name: manifestName}, body: good}), dst, DefaultLimits)
+	if err != nil || files != 2 || total != int64(len("an older, longer a.img")+1+5) {
+		t.Fatalf("ReadImages = %d files %d bytes, %v", files, total, err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(dst, "a.img")); string(b) != "hello" {
+		t.Errorf("a.img = %q, want the resent copy", b)
+	}
+	// The manifest checks the last copy: a stale one fails.
+	dst = t.TempDir()
+	_, _, err = ReadImages(stream(t,
+		entry{hdr: tar.Header{Name: "a.img"}, body: "hello"},
+		entry{hdr: tar.Header{Name: "b.img"}, body: "b"},
+		entry{hdr: tar.Header{Name: "a.img"}, body: "HELLO"},
+		entry{hdr: tar.Header{Name: manifestName}, body: good}), dst, DefaultLimits)
+	if !errors.Is(err, ErrBadImages) {
+		t.Fatalf("stale resend: %v, want ErrBadImages", err)
+	}
+	if ents, _ := os.ReadDir(dst); len(ents) != 0 {
+		t.Errorf("left %d files after a failed stream", len(ents))
 	}
 }
 

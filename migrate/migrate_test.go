@@ -188,24 +188,29 @@ func (f *faulty) Commit(ctx context.Context, id string) error {
 	return f.Destination.Commit(ctx, id)
 }
 
-func (f *faulty) SendImages(ctx context.Context, id string, r io.Reader) (migrate.Received, error) {
+func (f *faulty) RestoreImages(ctx context.Context, id string, r io.Reader) (migrate.RestoreResponse, error) {
 	if f.failImages {
 		// Read a little, then "die" mid-transfer.
 		_, _ = io.CopyN(io.Discard, r, 512)
-		return migrate.Received{}, errors.New("connection reset by peer")
+		return migrate.RestoreResponse{}, errors.New("connection reset by peer")
 	}
-	return f.Destination.SendImages(ctx, id, r)
-}
-
-func (f *faulty) Restore(ctx context.Context, id string) (migrate.RestoreResponse, error) {
+	if f.beforeRestore == nil && !f.loseAnswer {
+		return f.Destination.RestoreImages(ctx, id, r)
+	}
+	// The hook runs between the images and the restore: the destination's own two
+	// halves of RestoreImages.
+	t := f.Destination.(*migrate.Target)
+	if _, err := t.SendImages(ctx, id, r); err != nil {
+		return migrate.RestoreResponse{}, fmt.Errorf("%w: %w", migrate.ErrRestoreFailed, err)
+	}
 	if f.beforeRestore != nil {
 		f.beforeRestore()
 	}
-	r, err := f.Destination.Restore(ctx, id)
+	rr, err := t.Restore(ctx, id)
 	if err == nil && f.loseAnswer {
 		return migrate.RestoreResponse{}, errors.New("read: connection timed out")
 	}
-	return r, err
+	return rr, err
 }
 
 func (f *faulty) Abort(ctx context.Context, id string) error {

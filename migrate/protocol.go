@@ -33,11 +33,13 @@ type Destination interface {
 	// destination's page server, carried inside the agents' mutual-TLS connection.
 	// The source's CRIU speaks the page-server protocol through it.
 	Pages(ctx context.Context, id string) (io.ReadWriteCloser, error)
-	// SendImages receives the non-memory images (see WriteImages).
-	SendImages(ctx context.Context, id string, r io.Reader) (Received, error)
-	// Restore brings the service addresses up, restores the workload, and then
-	// announces the addresses. A failure it cleaned up after is ErrRestoreFailed.
-	Restore(ctx context.Context, id string) (RestoreResponse, error)
+	// RestoreImages receives the non-memory images (an image stream, see
+	// WriteImages) and, once every file arrived whole, brings the service addresses
+	// up, restores the workload and announces the addresses. The source opens it
+	// before the freeze and streams the images as CRIU writes them. A failure
+	// that left nothing restored is ErrBadImages (the stream was at fault) or
+	// ErrRestoreFailed.
+	RestoreImages(ctx context.Context, id string, r io.Reader) (RestoreResponse, error)
 	// Replay hands packets held on the source while the workload was frozen to the
 	// destination's stack, once the restored copy runs (see PacketHolder).
 	Replay(ctx context.Context, id string, pkts [][]byte) (int, error)

@@ -120,11 +120,13 @@ type Result struct {
 
 // Part is one step of a migration's downtime. The steps are, in order: "dump"
 // (CRIU on the source, from seizing the tree until its memory is sent or, for
-// post-copy, ready to be served), "images" (the image stream), "release" (service
-// addresses removed from the source), then on the destination "lazy-pages" (its
-// lazy-pages daemon started), "addresses" (service addresses added), "restore" (the
-// CRIU restore call), "announce" (first announcement sent) and "agent" (the rest of
-// the restore request: the round trip and the destination's bookkeeping).
+// post-copy, ready to be served), "release" (service addresses removed from the
+// source), "images" (the rest of the image stream: most files went while CRIU
+// wrote them), then on the destination "lazy-pages" (its lazy-pages daemon
+// started), "addresses" (service addresses added), "restore" (the CRIU restore
+// call), "announce" (first announcement sent), "bookkeeping" (the rest of the
+// destination's restore) and "agent" (the stream's end reaching the destination
+// and the answer coming back).
 type Part struct {
 	Name string  `json:"name"`
 	MS   float64 `json:"ms"`
@@ -238,6 +240,20 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 		}
 	}
 
+	// The images travel as CRIU writes them, through one request that restores on
+	// the destination as soon as the last of them arrived: after the dump, only its
+	// last files, the manifest and the restore are left inside the downtime.
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		_ = dst.Abort(context.WithoutCancel(ctx), res.ID)
+		return nil, fmt.Errorf("migrate %s: %w", rec.Name, err)
+	}
+	imgs, err := startImageStream(dir)
+	if err != nil {
+		_ = dst.Abort(context.WithoutCancel(ctx), res.ID)
+		return nil, fmt.Errorf("migrate %s: %w", rec.Name, err)
+	}
+	defer imgs.abort(nil) // a no-op once the stream ended
+
 	// The page channel: CRIU speaks the page-server protocol on one end of a socket
 	// pair, we carry the other end's bytes to the destination's page server.
 	pages, err := dst.Pages(ctx, res.ID)
@@ -249,6 +265,13 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 	if err != nil {
 		_ = dst.Abort(context.WithoutCancel(ctx), res.ID)
 		return nil, fmt.Errorf("migrate %s: %w", rec.Name, err)
+	}
+	call := restoreImages(ctx, dst, res.ID, imgs)
+	// dropImages ends the stream without a manifest (nothing is restored there) and
+	// waits for the request to end, before the destination is told to abort.
+	dropImages := func(cause error) {
+		imgs.abort(cause)
+		call.wait()
 	}
 
 	// Freeze and dump. Stop-and-copy streams the memory to the destination while
@@ -293,6 +316,7 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 		case r := <-dumped:
 			dumped <- r
 			_ = tunnel.wait(10 * time.Second)
+			dropImages(r.err)
 			_ = dst.Abort(context.WithoutCancel(ctx), res.ID)
 			s.unlockResumed(rec, dir)
 			return nil, fmt.Errorf("migrate %s: %w", rec.Name, r.err)
@@ -306,12 +330,14 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 		dumpEnd = time.Now()
 		if terr := tunnel.wait(10 * time.Second); err == nil && terr != nil {
 			// The dump itself succeeded: the tree is frozen and must resume.
+			dropImages(terr)
 			_ = dst.Abort(context.WithoutCancel(ctx), res.ID)
 			_, _ = s.Workloads.Resume(rec.Name)
 			return nil, fmt.Errorf("migrate %s (rolled back, still running on %s): page channel: %w", rec.Name, s.Host, terr)
 		}
 		if err != nil {
 			// CRIU resumed the tree itself; the destination has nothing to undo but its page server.
+			dropImages(err)
 			_ = dst.Abort(context.WithoutCancel(ctx), res.ID)
 			return nil, fmt.Errorf("migrate %s: %w", rec.Name, err)
 		}
@@ -370,40 +396,30 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 		return nil, fmt.Errorf("migrate %s (rolled back, still running on %s): %w", rec.Name, s.Host, cause)
 	}
 
+	// The address leaves the source before the destination takes it: never two
+	// owners. The destination restores as soon as the image stream ends, so the
+	// addresses go first.
 	report(PhaseImages, res.PageBytes, "")
-	pr, pw := io.Pipe()
-	sent := make(chan error, 1)
-	go func() {
-		n, err := WriteImages(pw, dir)
-		res.ImageBytes = n
-		pw.CloseWithError(err)
-		sent <- err
-	}()
-	_, err = dst.SendImages(ctx, res.ID, pr)
-	pr.CloseWithError(errors.New("transfer ended"))
-	if serr := <-sent; err == nil && serr != nil {
-		err = serr
+	for _, v := range rec.VIPs {
+		vipsDown = true
+		if err := s.VIPs.Remove(ctx, v); err != nil {
+			dropImages(err)
+			_ = dst.Abort(context.WithoutCancel(ctx), res.ID)
+			return rollback(fmt.Errorf("release service address %s: %w", v, err))
+		}
 	}
+	released := time.Now()
+	res.ImageBytes, err = imgs.finish()
 	if err != nil {
+		call.wait()
 		_ = dst.Abort(context.WithoutCancel(ctx), res.ID)
 		return rollback(fmt.Errorf("send images: %w", err))
 	}
 	imagesEnd := time.Now()
-
-	// The address leaves the source before the destination takes it: never two owners.
 	report(PhaseRestore, res.PageBytes+res.ImageBytes, "")
-	for _, v := range rec.VIPs {
-		if err := s.VIPs.Remove(ctx, v); err != nil {
-			vipsDown = true
-			_ = dst.Abort(context.WithoutCancel(ctx), res.ID)
-			return rollback(fmt.Errorf("release service address %s: %w", v, err))
-		}
-		vipsDown = true
-	}
-	released := time.Now()
-	rr, err := dst.Restore(ctx, res.ID)
+	rr, err := call.wait()
 	if err != nil {
-		if errors.Is(err, ErrRestoreFailed) {
+		if errors.Is(err, ErrRestoreFailed) || errors.Is(err, ErrBadImages) {
 			_ = dst.Abort(context.WithoutCancel(ctx), res.ID)
 			return rollback(err)
 		}
@@ -433,7 +449,7 @@ func (s *Source) Migrate(ctx context.Context, dst Destination, req Request, prog
 	restored := time.Now()
 	res.Held, res.Replayed = held.send(ctx, dst, res.ID, log)
 	res.DowntimeMS = ms(restored.Sub(freeze))
-	res.Downtime = downtimeParts(freeze, dumpEnd, imagesEnd, released, restored, rr)
+	res.Downtime = downtimeParts(freeze, dumpEnd, released, imagesEnd, restored, rr)
 	res.RestoreMS = rr.RestoreWallMS
 	res.VIPAddMS = rr.VIPAddMS
 	res.AnnounceMS = rr.AnnounceMS
@@ -567,9 +583,34 @@ func (s *Source) cancelOrHold(ctx context.Context, dst Destination, rec workload
 	return rollback(cause)
 }
 
+// restoreCall is the request that carries the images and restores.
+type restoreCall struct {
+	done chan struct{}
+	rr   RestoreResponse
+	err  error
+}
+
+// restoreImages opens the request that streams imgs to the destination and
+// restores there once the stream ended whole.
+func restoreImages(ctx context.Context, dst Destination, id string, imgs *imageStream) *restoreCall {
+	c := &restoreCall{done: make(chan struct{})}
+	go func() {
+		defer close(c.done)
+		c.rr, c.err = dst.RestoreImages(ctx, id, imgs.r)
+		// Had the request ended early, the stream's writes would wait forever.
+		imgs.r.CloseWithError(errors.New("the restore request ended"))
+	}()
+	return c
+}
+
+func (c *restoreCall) wait() (RestoreResponse, error) {
+	<-c.done
+	return c.rr, c.err
+}
+
 // downtimeParts splits the downtime at the source's own timestamps and the
 // destination's figures.
-func downtimeParts(freeze, dumpEnd, imagesEnd, released, restored time.Time, rr RestoreResponse) []Part {
+func downtimeParts(freeze, dumpEnd, released, imagesEnd, restored time.Time, rr RestoreResponse) []Part {
 	dst := []Part{
 		{"lazy-pages", rr.LazyStartMS},
 		{"addresses", rr.VIPAddMS},
@@ -580,11 +621,11 @@ func downtimeParts(freeze, dumpEnd, imagesEnd, released, restored time.Time, rr 
 	for _, p := range dst {
 		local -= p.MS
 	}
-	dst = append(dst, Part{"bookkeeping", local}, Part{"agent", ms(restored.Sub(released)) - rr.WallMS})
+	dst = append(dst, Part{"bookkeeping", local}, Part{"agent", ms(restored.Sub(imagesEnd)) - rr.WallMS})
 	parts := []Part{
 		{"dump", ms(dumpEnd.Sub(freeze))},
-		{"images", ms(imagesEnd.Sub(dumpEnd))},
-		{"release", ms(released.Sub(imagesEnd))},
+		{"release", ms(released.Sub(dumpEnd))},
+		{"images", ms(imagesEnd.Sub(released))},
 	}
 	for _, p := range dst {
 		if p.MS != 0 || p.Name == "restore" {

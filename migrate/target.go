@@ -346,7 +346,7 @@ func missingFlags(src, dst []string) []string {
 	return out
 }
 
-// SendImages implements Destination.
+// SendImages receives the non-memory images of a migration (see ReadImages).
 func (t *Target) SendImages(ctx context.Context, id string, r io.Reader) (Received, error) {
 	in, err := t.get(id)
 	if err != nil {
@@ -386,7 +386,20 @@ func (t *Target) startLazyPages(in *incoming) {
 	in.lazyEnd = nil
 }
 
-// Restore implements Destination.
+// RestoreImages implements Destination.
+func (t *Target) RestoreImages(ctx context.Context, id string, r io.Reader) (RestoreResponse, error) {
+	if _, err := t.SendImages(ctx, id, r); err != nil {
+		if errors.Is(err, ErrBadImages) || errors.Is(err, ErrNoMigration) {
+			return RestoreResponse{}, err
+		}
+		return RestoreResponse{}, fmt.Errorf("%w: %w", ErrRestoreFailed, err)
+	}
+	return t.Restore(ctx, id)
+}
+
+// Restore brings the service addresses up, restores the workload from the images
+// SendImages received, and then announces the addresses. A failure it cleaned up
+// after is ErrRestoreFailed.
 func (t *Target) Restore(ctx context.Context, id string) (RestoreResponse, error) {
 	in, err := t.get(id)
 	if err != nil {
