@@ -93,7 +93,7 @@ func newImageWriter(w io.Writer, dir string) *imageWriter {
 // send writes the file name of the directory to the stream (again, if it was sent
 // before and changed since).
 func (s *imageWriter) send(name string) error {
-	if skipImage(name) || !imageNameRe.MatchString(name) || name == manifestName {
+	if skipImage(name) {
 		return nil
 	}
 	n, sum, as, err := sendFile(s.tw, filepath.Join(s.dir, name), name)

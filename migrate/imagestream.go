@@ -56,6 +56,9 @@ func (s *imageStream) watch() {
 			return // closed: the stream ends or was abandoned
 		}
 		for _, name := range inotifyNames(buf[:n]) {
+			if !imageNameRe.MatchString(name) || name == manifestName {
+				continue // left to finish, which sends it for the receiver to refuse
+			}
 			if err := s.w.send(name); err != nil {
 				s.err = err
 				return
