@@ -26,6 +26,14 @@ const (
 	// the freeze when a VMA iterator shows nothing changed (duplex's CRIU patches,
 	// contrib/criu/smaps-copy.patch; see Engine.NoSmapsCopy).
 	FeatureSmapsCopy = "smaps_copy"
+	// FeatureGuardScanFlagged: a dump looks for guard regions only in the VMAs
+	// smaps marks as maybe holding them, not across the whole address space
+	// (contrib/criu/guard-scan-flagged.patch; needs Linux 6.18's VM_MAYBE_GUARD).
+	FeatureGuardScanFlagged = "guard_scan_flagged"
+	// FeatureLazyDenseWhole: a lazy dump takes a long anonymous VMA that is nearly
+	// all in memory whole, without scanning it for present pages
+	// (contrib/criu/lazy-dense-whole.patch).
+	FeatureLazyDenseWhole = "lazy_dense_whole"
 )
 
 type featureCache struct {

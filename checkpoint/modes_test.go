@@ -462,7 +462,16 @@ func memAvailableMiB(t *testing.T) int {
 }
 
 func lazyRestoreChecked(t *testing.T, eng *checkpoint.Engine, mode, size string) {
-	rec := launch(t, "lazyearly", mode, size, "4M")
+	lazyRestoreRun(t, eng, mode, size, "4M")
+}
+
+// lazyRestoreRun runs testprog args (a mode that prints READY, then "OK n" after
+// each check of its memory or "CORRUPT ..."), moves it by lazy dump, lazy-pages
+// daemon and lazy restore, waits for two more checks by the restored copy, and
+// returns the dump's log.
+func lazyRestoreRun(t *testing.T, eng *checkpoint.Engine, args ...string) string {
+	mode := args[0]
+	rec := launch(t, "lazyearly", args...)
 	testutil.Eventually(t, 2*time.Minute, "the workload to fill its memory", func() bool {
 		b, _ := os.ReadFile(rec.Stdout)
 		return strings.Contains(string(b), "READY")
@@ -505,6 +514,48 @@ func lazyRestoreChecked(t *testing.T, eng *checkpoint.Engine, mode, size string)
 		}
 		return strings.Count(out, "OK ") >= before+2
 	})
+	dumpLog, err := os.ReadFile(filepath.Join(src, checkpoint.DumpLog))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(dumpLog)
+}
+
+// A lazy dump takes a long anonymous VMA that is nearly all in memory whole,
+// without scanning it for present pages (lazy-dense-whole.patch): its holes then
+// travel as zeroes, and must read as zeroes in the restored copy. A sparse VMA is
+// scanned, so only its present pages travel. Guard regions are looked for only in
+// the VMAs smaps marks "gu" (guard-scan-flagged.patch), and the one the workload
+// installed must still fault after the restore. testprog holes checks all three
+// on every page, before and after.
+func TestLazyRestoreDenseAndSparse(t *testing.T) {
+	eng := testutil.RequiresCRIU(t, checkpoint.FeatureUFFDNonCoop, checkpoint.FeatureLazyPagesBeforeImages)
+	for _, tc := range []struct {
+		name, holes string
+		whole       bool
+	}{{"dense", "3", true}, {"sparse", "40", false}} {
+		t.Run(tc.name, func(t *testing.T) {
+			log := lazyRestoreRun(t, eng, "holes", "96M", tc.holes)
+			dense, _ := eng.HasFeature(context.Background(), checkpoint.FeatureLazyDenseWhole)
+			if got := strings.Contains(log, "taken whole without a scan"); got != (tc.whole && dense) {
+				t.Errorf("96 MiB with %s%% holes taken whole: %v, want %v", tc.holes, got, tc.whole && dense)
+			}
+			if flagged, _ := eng.HasFeature(context.Background(), checkpoint.FeatureGuardScanFlagged); flagged && !strings.Contains(log, "Guard regions: 1 found in the 1 VMAs that may have them") {
+				t.Errorf("the dump did not find the one guard region in the one flagged VMA:\n%s", grepLines(log, "Guard regions"))
+			}
+		})
+	}
+}
+
+// grepLines returns the lines of s that contain sub.
+func grepLines(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }
 
 // smapsSum adds up one field (e.g. "AnonHugePages:") of every mapping of pid, in KiB.

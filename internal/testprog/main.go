@@ -10,6 +10,13 @@
 //	                                 or "CORRUPT page i", which exits
 //	testprog dirty-thp SIZE RATE [HOT]  like dirty, in memory advised for transparent huge
 //	                                 pages (MADV_HUGEPAGE), 2 MiB aligned
+//	testprog holes SIZE PCT          map SIZE bytes and fill all but PCT% of its pages (the
+//	                                 holes, spread evenly, never touched), plus a second
+//	                                 mapping with two guard pages (MADV_GUARD_INSTALL) where
+//	                                 the kernel has them; print READY, then once a second
+//	                                 check that every page holds its pattern, every hole
+//	                                 reads zero and a guard page still faults: "OK n" or
+//	                                 "CORRUPT ...", which exits
 //	testprog echo                    echo every TCP connection's bytes back; print "PORT n"
 //	testprog complex DIR             a tree with threads, a pipe to a child, an open
 //	                                 file in DIR, a zombie and a listening TCP socket
@@ -29,6 +36,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"runtime/debug"
 	"strconv"
 	"sync/atomic"
 	"time"
@@ -86,6 +94,12 @@ func main() {
 			hot = min(parseSize(os.Args[4]), hot)
 		}
 		dirty(parseSize(os.Args[2]), parseSize(os.Args[3]), hot, os.Args[1] == "dirty-thp")
+	case "holes":
+		pct, err := strconv.Atoi(os.Args[3])
+		if err != nil || pct < 0 || pct > 100 {
+			fatal(fmt.Errorf("holes: bad percentage %q", os.Args[3]))
+		}
+		holes(int(parseSize(os.Args[2])), pct)
 	case "pipe-reader":
 		pipeReader()
 	case "exit0":
@@ -317,6 +331,82 @@ func dirty(size, rate, hot int64, thp bool) {
 			}
 			fmt.Printf("OK %d\n", rewritten)
 		}
+	}
+}
+
+// sink keeps a read the compiler would otherwise drop.
+var sink byte
+
+// madvGuardInstall is MADV_GUARD_INSTALL (Linux 6.13).
+const madvGuardInstall = 102
+
+func holes(size, pct int) {
+	const page = 4096
+	pages := size / page
+	m, err := unix.Mmap(-1, 0, pages*page, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		fatal(err)
+	}
+	hole := func(i int) bool { return pct > 0 && i*pct/100 != (i+1)*pct/100 }
+	word := func(i, j int) uint32 { return uint32(i)*2654435761 ^ uint32(j) ^ 0x5a5a0000 }
+	for i := 0; i < pages; i++ {
+		if hole(i) {
+			continue
+		}
+		for j := 0; j < page; j += 4 {
+			binary.LittleEndian.PutUint32(m[i*page+j:], word(i, j))
+		}
+	}
+	// The guarded mapping is NORESERVE so that it never merges with m: its VMA
+	// is the one smaps marks as maybe holding guard regions.
+	const gpages = 64
+	g, err := unix.Mmap(-1, 0, gpages*page, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+	if err != nil {
+		fatal(err)
+	}
+	for i := range g {
+		g[i] = byte(i / page)
+	}
+	guarded := unix.Madvise(g[8*page:10*page], madvGuardInstall) == nil
+	faults := func(b []byte) (f bool) {
+		defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+		defer func() { f = recover() != nil }()
+		sink = b[0]
+		return false
+	}
+	check := func() string {
+		for i := 0; i < pages; i++ {
+			for j := 0; j < page; j += 4 {
+				v, want := binary.LittleEndian.Uint32(m[i*page+j:]), word(i, j)
+				if hole(i) {
+					want = 0
+				}
+				if v != want {
+					return fmt.Sprintf("page %d (hole %v) word %d: %#x, want %#x", i, hole(i), j/4, v, want)
+				}
+			}
+		}
+		for i := 0; i < gpages; i++ {
+			if guarded && (i == 8 || i == 9) {
+				if !faults(g[i*page:]) {
+					return fmt.Sprintf("guard page %d reads", i)
+				}
+				continue
+			}
+			if g[i*page] != byte(i) {
+				return fmt.Sprintf("guarded mapping page %d: %d", i, g[i*page])
+			}
+		}
+		return ""
+	}
+	fmt.Printf("READY guard=%v\n", guarded)
+	for n := 1; ; n++ {
+		time.Sleep(time.Second)
+		if bad := check(); bad != "" {
+			fmt.Printf("CORRUPT %s\n", bad)
+			os.Exit(1)
+		}
+		fmt.Printf("OK %d\n", n)
 	}
 }
 
