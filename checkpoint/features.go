@@ -34,6 +34,10 @@ const (
 	// all in memory whole, without scanning it for present pages
 	// (contrib/criu/lazy-dense-whole.patch).
 	FeatureLazyDenseWhole = "lazy_dense_whole"
+	// FeatureSwrkEarlyKerndat: `criu swrk` probes the kernel (from the kerndat
+	// cache) before its request arrives, so a restore started ahead (StartRestorer)
+	// does not in the downtime (contrib/criu/swrk-early-kerndat.patch).
+	FeatureSwrkEarlyKerndat = "swrk_early_kerndat"
 )
 
 type featureCache struct {

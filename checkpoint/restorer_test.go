@@ -52,6 +52,21 @@ func TestRestorerStartedAhead(t *testing.T) {
 	if !res.Placed {
 		t.Error("restore through a placed restorer not reported as placed")
 	}
+	// It probed the kernel while it waited, not inside the restore: CRIU logs the
+	// early probe's lines first, from its early-log buffer, and its version once
+	// the request opened the log.
+	if early, _ := eng.HasFeature(ctx, checkpoint.FeatureSwrkEarlyKerndat); early {
+		b, err := os.ReadFile(filepath.Join(dir, checkpoint.RestoreLog))
+		if err != nil {
+			t.Fatal(err)
+		}
+		log := string(b)
+		probe, version := strings.Index(log, "Loaded kdat cache"), strings.Index(log, "Version: ")
+		if probe < 0 || version < 0 || probe > version {
+			t.Errorf("the restore started ahead did not load the kerndat cache before its request (at %d, request at %d):\n%s",
+				probe, version, log[:min(len(log), 1000)])
+		}
+	}
 	grows(t, rec.Stdout, "the restored copy to count")
 	if procState(placedPid) != 0 {
 		t.Errorf("the restorer's CRIU (pid %d) still runs after the restore", placedPid)
