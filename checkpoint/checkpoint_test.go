@@ -23,7 +23,12 @@ func TestMain(m *testing.M) { os.Exit(testutil.Main(m)) }
 // and kills it when the test ends.
 func launch(t testing.TB, name string, args ...string) workload.Record {
 	t.Helper()
-	prog := testutil.Build(t, "./internal/testprog")
+	return launchProg(t, name, testutil.Build(t, "./internal/testprog"), args...)
+}
+
+// launchProg starts prog args as a managed workload, like launch.
+func launchProg(t testing.TB, name, prog string, args ...string) workload.Record {
+	t.Helper()
 	m, err := workload.New(workload.Config{StateDir: t.TempDir(), CgroupParent: testutil.CgroupParent(t), Log: testutil.Logger(t)})
 	if err != nil {
 		t.Fatal(err)

@@ -38,6 +38,10 @@ const (
 	// cache) before its request arrives, so a restore started ahead (StartRestorer)
 	// does not in the downtime (contrib/criu/swrk-early-kerndat.patch).
 	FeatureSwrkEarlyKerndat = "swrk_early_kerndat"
+	// FeatureLazyBackgroundGate: `criu lazy-pages` can hold its background
+	// transfer until told (LazyPagesOptions.HoldBackground;
+	// contrib/criu/lazy-bg-gate.patch).
+	FeatureLazyBackgroundGate = "lazy_bg_gate"
 )
 
 type featureCache struct {

@@ -3,6 +3,7 @@ package checkpoint_test
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -519,6 +520,122 @@ func lazyRestoreRun(t *testing.T, eng *checkpoint.Engine, args ...string) string
 		t.Fatal(err)
 	}
 	return string(dumpLog)
+}
+
+// A lazy-pages daemon started with HoldBackground serves the restored copy's
+// faults but fetches nothing else until StartBackground: an idle 64 MiB workload
+// keeps the transfer unfinished while held (unheld it ends in well under a
+// second here), runs all along, and its transfer ends once released.
+func TestLazyPagesHoldBackground(t *testing.T) {
+	eng := testutil.RequiresCRIU(t, checkpoint.FeatureUFFDNonCoop, checkpoint.FeatureLazyPagesBeforeImages, checkpoint.FeatureLazyBackgroundGate)
+	rec := launch(t, "lazyhold", "hog", "64M")
+	testutil.Eventually(t, time.Minute, "the workload to fill its memory", func() bool {
+		b, _ := os.ReadFile(rec.Stdout)
+		return strings.Contains(string(b), "READY")
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	src, dst := t.TempDir(), t.TempDir()
+	a, b := socketPair(t)
+	defer a.Close()
+	defer b.Close()
+	lp, err := eng.StartLazyPages(ctx, checkpoint.LazyPagesOptions{ImagesDir: dst, Conn: a, HoldBackground: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lp.Stop()
+	dumped := lazyDumpCopied(ctx, t, eng, rec.Pid, src, dst, b)
+	res, err := eng.Restore(ctx, checkpoint.RestoreOptions{ImagesDir: dst, ManageCgroups: true, LazyPages: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer killChild(res.Pid)
+	held, cancelHeld := context.WithTimeout(ctx, 1500*time.Millisecond)
+	err = lp.Wait(held)
+	cancelHeld()
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("the held transfer ended (%v) before StartBackground", err)
+	}
+	if procState(res.Pid) == 0 {
+		t.Fatal("the restored copy does not run while its transfer is held")
+	}
+	lp.StartBackground()
+	if err := lp.Wait(ctx); err != nil {
+		t.Fatalf("lazy-pages daemon after StartBackground: %v", err)
+	}
+	if err := <-dumped; err != nil {
+		t.Fatalf("lazy dump: %v", err)
+	}
+	if procState(res.Pid) == 0 {
+		t.Fatal("the restored copy died once its memory arrived")
+	}
+	if b, _ := os.ReadFile(lp.LogPath); !strings.Contains(string(b), "Background transfer may start") {
+		t.Errorf("the daemon's log does not say the gate opened:\n%s", grepLines(string(b), "ackground"))
+	}
+}
+
+// A thread whose stack pointer is page aligned made CRIU's is_stack() take every
+// page for a stack page, and a lazy dump then made none of them lazy: the whole
+// memory went into the images inside the freeze (lazy-no-stack-pages.patch). The
+// workload is testdata/alignedsp.c, built with the C compiler make deps installs.
+func TestLazyDumpAlignedStackPointer(t *testing.T) {
+	eng := testutil.RequiresCRIU(t, checkpoint.FeatureUFFDNonCoop, checkpoint.FeatureLazyPagesBeforeImages)
+	cc, err := exec.LookPath("cc")
+	if err != nil {
+		t.Skip("no C compiler to build testdata/alignedsp.c (make deps installs one)")
+	}
+	prog := filepath.Join(t.TempDir(), "alignedsp")
+	if out, err := exec.Command(cc, "-O2", "-pthread", "-o", prog, "testdata/alignedsp.c").CombinedOutput(); err != nil {
+		t.Fatalf("build alignedsp: %v: %s", err, out)
+	}
+	rec := launchProg(t, "alignedsp", prog)
+	testutil.Eventually(t, time.Minute, "the workload to fill its memory", func() bool {
+		b, _ := os.ReadFile(rec.Stdout)
+		return strings.Contains(string(b), "READY")
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	src, dst := t.TempDir(), t.TempDir()
+	a, b := socketPair(t)
+	defer a.Close()
+	defer b.Close()
+	lp, err := eng.StartLazyPages(ctx, checkpoint.LazyPagesOptions{ImagesDir: dst, Conn: a})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lp.Stop()
+	dumped := lazyDumpCopied(ctx, t, eng, rec.Pid, src, dst, b)
+	res, err := eng.Restore(ctx, checkpoint.RestoreOptions{ImagesDir: dst, ManageCgroups: true, LazyPages: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer killChild(res.Pid)
+	if err := lp.Wait(ctx); err != nil {
+		t.Fatalf("lazy-pages daemon: %v", err)
+	}
+	if err := <-dumped; err != nil {
+		t.Fatalf("lazy dump: %v", err)
+	}
+	log, err := os.ReadFile(filepath.Join(src, checkpoint.DumpLog))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The 64 MiB area: all of its 16384 pages present, all lazy.
+	var total, lazy int
+	for _, l := range strings.Split(string(log), "\n") {
+		var n, nl int
+		if i := strings.Index(l, "Pagemap generated: "); i >= 0 {
+			if _, err := fmt.Sscanf(l[i:], "Pagemap generated: %d pages (%d lazy)", &n, &nl); err == nil && n >= 16384 {
+				total, lazy = n, nl
+			}
+		}
+	}
+	if total == 0 || lazy != total {
+		t.Errorf("the 64 MiB area: %d pages, %d of them lazy; want all lazy:\n%s", total, lazy, grepLines(string(log), "Pagemap generated"))
+	}
+	if procState(res.Pid) == 0 {
+		t.Error("the restored copy does not run")
+	}
 }
 
 // A lazy dump takes a long anonymous VMA that is nearly all in memory whole,

@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"sync"
 
 	criu "github.com/checkpoint-restore/go-criu/v7"
 	"github.com/checkpoint-restore/go-criu/v7/rpc"
@@ -186,6 +187,10 @@ type LazyPagesOptions struct {
 	// Conn, when set, is a connected stream socket to the source's lazy page
 	// server (--ps-socket): the caller carries the pages.
 	Conn *os.File
+	// HoldBackground keeps the daemon from fetching the pages nobody asked for
+	// until LazyPages.StartBackground or Stop (faults are served all along); a
+	// CRIU without FeatureLazyBackgroundGate starts at once, as it always did.
+	HoldBackground bool
 }
 
 // LazyPages is a running `criu lazy-pages` daemon. A restore with
@@ -195,6 +200,19 @@ type LazyPages struct {
 	cmd     *exec.Cmd
 	done    chan error
 	LogPath string
+	gate    *os.File // write end of the background gate; closing it opens it
+	gateMu  sync.Mutex
+}
+
+// StartBackground lets a daemon started with HoldBackground fetch the remaining
+// pages; it does nothing otherwise or when called again.
+func (l *LazyPages) StartBackground() {
+	l.gateMu.Lock()
+	defer l.gateMu.Unlock()
+	if l.gate != nil {
+		l.gate.Close()
+		l.gate = nil
+	}
 }
 
 // StartLazyPages starts the lazy-pages daemon (go-criu has no RPC for it) and waits
@@ -227,17 +245,31 @@ func (e *Engine) StartLazyPages(ctx context.Context, o LazyPagesOptions) (*LazyP
 	}
 	args = append(args, "--status-fd", strconv.Itoa(3+len(files)))
 	files = append(files, statusW)
+	var gateR, gateW *os.File
+	env := e.env()
+	if o.HoldBackground { // a CRIU without the gate ignores it
+		if gateR, gateW, err = os.Pipe(); err != nil {
+			statusW.Close()
+			return nil, fmt.Errorf("start lazy-pages: %w", err)
+		}
+		defer gateR.Close()
+		env = append(env, "CRIU_LAZY_BG_GATE_FD="+strconv.Itoa(3+len(files)))
+		files = append(files, gateR)
+	}
 	_ = os.Remove(filepath.Join(o.ImagesDir, "lazy-pages.socket"))
 	cmd := exec.Command(e.Path(), args...)
 	cmd.ExtraFiles = files
-	cmd.Env = e.env()
+	cmd.Env = env
 	logPath := filepath.Join(o.ImagesDir, LazyPagesLog)
 	err = cmd.Start()
 	statusW.Close() // only CRIU writes the status
 	if err != nil {
+		if gateW != nil {
+			gateW.Close()
+		}
 		return nil, fmt.Errorf("start lazy-pages: %w", err)
 	}
-	lp := &LazyPages{cmd: cmd, done: make(chan error, 1), LogPath: logPath}
+	lp := &LazyPages{cmd: cmd, done: make(chan error, 1), LogPath: logPath, gate: gateW}
 	go func() { lp.done <- cmd.Wait() }()
 	ready := make(chan bool, 1)
 	go func() {
@@ -281,4 +313,5 @@ func (l *LazyPages) Stop() {
 	_ = l.cmd.Process.Kill() // harmless when it already exited
 	err := <-l.done
 	l.done <- err
+	l.StartBackground() // closes the gate's pipe
 }

@@ -66,8 +66,12 @@ func Handler(t *Target) http.Handler {
 	mux.HandleFunc("PUT "+agentPrefix+"/migrations/{id}/restore", func(w http.ResponseWriter, r *http.Request) {
 		// The body is the image stream. Once it ended whole, the restore runs to its
 		// end even if the caller goes away; Abort undoes it.
-		resp, err := t.RestoreImages(context.WithoutCancel(r.Context()), r.PathValue("id"), r.Body)
+		resp, release, err := t.restoreImages(context.WithoutCancel(r.Context()), r.PathValue("id"), r.Body)
+		defer release() // once the answer left (see restoreImages)
 		reply(w, t, resp, err)
+		if f, ok := w.(http.Flusher); ok {
+			f.Flush()
+		}
 	})
 	mux.HandleFunc("POST "+agentPrefix+"/migrations/{id}/replay", func(w http.ResponseWriter, r *http.Request) {
 		pkts, err := decodePackets(io.LimitReader(r.Body, maxReplayBytes+4*maxReplayPackets+4))

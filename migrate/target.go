@@ -379,7 +379,7 @@ func (t *Target) SendImages(ctx context.Context, id string, r io.Reader) (Receiv
 func (t *Target) startLazyPages(in *incoming) {
 	in.lazyStart = make(chan lazyStarted, 1)
 	go func(conn *os.File, ch chan<- lazyStarted) {
-		lp, err := t.Engine.StartLazyPages(context.Background(), checkpoint.LazyPagesOptions{ImagesDir: in.cur, Conn: conn})
+		lp, err := t.Engine.StartLazyPages(context.Background(), checkpoint.LazyPagesOptions{ImagesDir: in.cur, Conn: conn, HoldBackground: true})
 		conn.Close()
 		ch <- lazyStarted{lp, err}
 	}(in.lazyEnd, in.lazyStart)
@@ -388,29 +388,48 @@ func (t *Target) startLazyPages(in *incoming) {
 
 // RestoreImages implements Destination.
 func (t *Target) RestoreImages(ctx context.Context, id string, r io.Reader) (RestoreResponse, error) {
+	resp, release, err := t.restoreImages(ctx, id, r)
+	release()
+	return resp, err
+}
+
+// restoreImages is RestoreImages, except that after a post-copy restore the
+// lazy-pages daemon fetches no page the copy did not ask for until the caller
+// calls release (never nil), once it has answered the source: the background
+// transfer takes both CPUs, and the answer and the first requests to the
+// restored service are still inside the downtime.
+func (t *Target) restoreImages(ctx context.Context, id string, r io.Reader) (RestoreResponse, func(), error) {
 	if _, err := t.SendImages(ctx, id, r); err != nil {
 		if errors.Is(err, ErrBadImages) || errors.Is(err, ErrNoMigration) {
-			return RestoreResponse{}, err
+			return RestoreResponse{}, func() {}, err
 		}
-		return RestoreResponse{}, fmt.Errorf("%w: %w", ErrRestoreFailed, err)
+		return RestoreResponse{}, func() {}, fmt.Errorf("%w: %w", ErrRestoreFailed, err)
 	}
-	return t.Restore(ctx, id)
+	return t.restore(ctx, id)
 }
 
 // Restore brings the service addresses up, restores the workload from the images
 // SendImages received, and then announces the addresses. A failure it cleaned up
 // after is ErrRestoreFailed.
 func (t *Target) Restore(ctx context.Context, id string) (RestoreResponse, error) {
+	resp, release, err := t.restore(ctx, id)
+	release()
+	return resp, err
+}
+
+// restore is Restore with the background transfer held (see restoreImages).
+func (t *Target) restore(ctx context.Context, id string) (_ RestoreResponse, release func(), _ error) {
+	release = func() {}
 	in, err := t.get(id)
 	if err != nil {
-		return RestoreResponse{}, err
+		return RestoreResponse{}, release, err
 	}
 	defer t.put(in)
 	if !in.images {
-		return RestoreResponse{}, fmt.Errorf("%w: %s: no images received", ErrRestoreFailed, id)
+		return RestoreResponse{}, release, fmt.Errorf("%w: %s: no images received", ErrRestoreFailed, id)
 	}
 	if in.restored {
-		return RestoreResponse{}, fmt.Errorf("migration %s: already restored", id)
+		return RestoreResponse{}, release, fmt.Errorf("migration %s: already restored", id)
 	}
 	began := time.Now()
 	var resp RestoreResponse
@@ -418,30 +437,30 @@ func (t *Target) Restore(ctx context.Context, id string) (RestoreResponse, error
 	lazy := postCopy || t.lazyLocal(ctx)
 	if postCopy {
 		if in.lazyStart == nil {
-			return RestoreResponse{}, fmt.Errorf("%w: %s: no lazy-pages daemon", ErrRestoreFailed, id)
+			return RestoreResponse{}, release, fmt.Errorf("%w: %s: no lazy-pages daemon", ErrRestoreFailed, id)
 		}
 		var st lazyStarted
 		select {
 		case st = <-in.lazyStart:
 			in.lazyStart = nil
 		case <-ctx.Done():
-			return RestoreResponse{}, fmt.Errorf("%w: %s: waiting for the lazy-pages daemon: %w", ErrRestoreFailed, id, ctx.Err())
+			return RestoreResponse{}, release, fmt.Errorf("%w: %s: waiting for the lazy-pages daemon: %w", ErrRestoreFailed, id, ctx.Err())
 		}
 		resp.LazyStartMS = ms(time.Since(began)) // what the wait added
 		if st.err != nil {
-			return RestoreResponse{}, fmt.Errorf("%w: %s: %w", ErrRestoreFailed, id, st.err)
+			return RestoreResponse{}, release, fmt.Errorf("%w: %s: %w", ErrRestoreFailed, id, st.err)
 		}
 		in.lazy = st.lp
 	} else {
 		// The page server ends when the dump closes its connection.
 		if in.ps == nil {
-			return RestoreResponse{}, fmt.Errorf("%w: %s: no page server received the memory", ErrRestoreFailed, id)
+			return RestoreResponse{}, release, fmt.Errorf("%w: %s: no page server received the memory", ErrRestoreFailed, id)
 		}
 		wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		err = in.ps.Wait(wctx)
 		cancel()
 		if err != nil {
-			return RestoreResponse{}, fmt.Errorf("%w: %s: page server still waiting for memory: %w", ErrRestoreFailed, id, err)
+			return RestoreResponse{}, release, fmt.Errorf("%w: %s: page server still waiting for memory: %w", ErrRestoreFailed, id, err)
 		}
 		if lazy {
 			// Every page is here already; the copy starts before they are all in
@@ -450,7 +469,7 @@ func (t *Target) Restore(ctx context.Context, id string) (RestoreResponse, error
 			lp, err := t.Engine.StartLazyPages(ctx, checkpoint.LazyPagesOptions{ImagesDir: in.cur})
 			resp.LazyStartMS = ms(time.Since(ls))
 			if err != nil {
-				return RestoreResponse{}, fmt.Errorf("%w: %s: %w", ErrRestoreFailed, id, err)
+				return RestoreResponse{}, release, fmt.Errorf("%w: %s: %w", ErrRestoreFailed, id, err)
 			}
 			in.lazy = lp
 		}
@@ -473,7 +492,7 @@ func (t *Target) Restore(ctx context.Context, id string) (RestoreResponse, error
 			in.lazy.Stop()
 			in.lazy = nil
 		}
-		return RestoreResponse{}, fmt.Errorf("%w: %w", ErrRestoreFailed, err)
+		return RestoreResponse{}, release, fmt.Errorf("%w: %w", ErrRestoreFailed, err)
 	}
 	in.restored = true
 	resp.Lazy = lazy
@@ -509,7 +528,10 @@ func (t *Target) Restore(ctx context.Context, id string) (RestoreResponse, error
 	resp.RestoreWallMS = ms(res.Wall)
 	resp.WallMS = ms(time.Since(began))
 	t.log().WithFields(logrus.Fields{"migration": id, "workload": rec.Name, "pid": rec.Pid, "restore_ms": resp.RestoreMS}).Info("restored incoming workload")
-	return resp, nil
+	if lp := in.lazy; lp != nil {
+		release = lp.StartBackground
+	}
+	return resp, release, nil
 }
 
 func (t *Target) removeVIPs(in *incoming) {
