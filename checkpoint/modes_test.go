@@ -19,6 +19,7 @@ import (
 
 	"github.com/duplex-ha/duplex/checkpoint"
 	"github.com/duplex-ha/duplex/internal/testutil"
+	"github.com/duplex-ha/duplex/internal/workload"
 )
 
 // copyMissing copies the files of src that dst lacks (the images a page-server or
@@ -522,36 +523,52 @@ func lazyRestoreRun(t *testing.T, eng *checkpoint.Engine, args ...string) string
 	return string(dumpLog)
 }
 
+// lazyMove is a workload moved by lazy dump, lazy-pages daemon and lazy restore,
+// its memory still on its way.
+type lazyMove struct {
+	src    string // the dump's images directory (its log)
+	lp     *checkpoint.LazyPages
+	res    *checkpoint.RestoreResult
+	dumped <-chan error
+}
+
+// startLazyMove waits for rec to print READY, then moves it lazily over a socket
+// pair; the test's end stops the daemon and kills the restored copy.
+func startLazyMove(ctx context.Context, t *testing.T, eng *checkpoint.Engine, rec workload.Record, hold bool) *lazyMove {
+	t.Helper()
+	testutil.Eventually(t, time.Minute, "the workload to fill its memory", func() bool {
+		b, _ := os.ReadFile(rec.Stdout)
+		return strings.Contains(string(b), "READY")
+	})
+	src, dst := t.TempDir(), t.TempDir()
+	a, b := socketPair(t)
+	t.Cleanup(func() { a.Close(); b.Close() })
+	lp, err := eng.StartLazyPages(ctx, checkpoint.LazyPagesOptions{ImagesDir: dst, Conn: a, HoldBackground: hold})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(lp.Stop)
+	dumped := lazyDumpCopied(ctx, t, eng, rec.Pid, src, dst, b)
+	res, err := eng.Restore(ctx, checkpoint.RestoreOptions{ImagesDir: dst, ManageCgroups: true, LazyPages: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { killChild(res.Pid) })
+	return &lazyMove{src: src, lp: lp, res: res, dumped: dumped}
+}
+
 // A lazy-pages daemon started with HoldBackground serves the restored copy's
 // faults but fetches nothing else until StartBackground: an idle 64 MiB workload
 // keeps the transfer unfinished while held (unheld it ends in well under a
 // second here), runs all along, and its transfer ends once released.
 func TestLazyPagesHoldBackground(t *testing.T) {
 	eng := testutil.RequiresCRIU(t, checkpoint.FeatureUFFDNonCoop, checkpoint.FeatureLazyPagesBeforeImages, checkpoint.FeatureLazyBackgroundGate)
-	rec := launch(t, "lazyhold", "hog", "64M")
-	testutil.Eventually(t, time.Minute, "the workload to fill its memory", func() bool {
-		b, _ := os.ReadFile(rec.Stdout)
-		return strings.Contains(string(b), "READY")
-	})
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	src, dst := t.TempDir(), t.TempDir()
-	a, b := socketPair(t)
-	defer a.Close()
-	defer b.Close()
-	lp, err := eng.StartLazyPages(ctx, checkpoint.LazyPagesOptions{ImagesDir: dst, Conn: a, HoldBackground: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lp.Stop()
-	dumped := lazyDumpCopied(ctx, t, eng, rec.Pid, src, dst, b)
-	res, err := eng.Restore(ctx, checkpoint.RestoreOptions{ImagesDir: dst, ManageCgroups: true, LazyPages: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer killChild(res.Pid)
+	mv := startLazyMove(ctx, t, eng, launch(t, "lazyhold", "hog", "64M"), true)
+	lp, res := mv.lp, mv.res
 	held, cancelHeld := context.WithTimeout(ctx, 1500*time.Millisecond)
-	err = lp.Wait(held)
+	err := lp.Wait(held)
 	cancelHeld()
 	if !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("the held transfer ended (%v) before StartBackground", err)
@@ -563,7 +580,7 @@ func TestLazyPagesHoldBackground(t *testing.T) {
 	if err := lp.Wait(ctx); err != nil {
 		t.Fatalf("lazy-pages daemon after StartBackground: %v", err)
 	}
-	if err := <-dumped; err != nil {
+	if err := <-mv.dumped; err != nil {
 		t.Fatalf("lazy dump: %v", err)
 	}
 	if procState(res.Pid) == 0 {
@@ -588,35 +605,16 @@ func TestLazyDumpAlignedStackPointer(t *testing.T) {
 	if out, err := exec.Command(cc, "-O2", "-pthread", "-o", prog, "testdata/alignedsp.c").CombinedOutput(); err != nil {
 		t.Fatalf("build alignedsp: %v: %s", err, out)
 	}
-	rec := launchProg(t, "alignedsp", prog)
-	testutil.Eventually(t, time.Minute, "the workload to fill its memory", func() bool {
-		b, _ := os.ReadFile(rec.Stdout)
-		return strings.Contains(string(b), "READY")
-	})
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	src, dst := t.TempDir(), t.TempDir()
-	a, b := socketPair(t)
-	defer a.Close()
-	defer b.Close()
-	lp, err := eng.StartLazyPages(ctx, checkpoint.LazyPagesOptions{ImagesDir: dst, Conn: a})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lp.Stop()
-	dumped := lazyDumpCopied(ctx, t, eng, rec.Pid, src, dst, b)
-	res, err := eng.Restore(ctx, checkpoint.RestoreOptions{ImagesDir: dst, ManageCgroups: true, LazyPages: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer killChild(res.Pid)
-	if err := lp.Wait(ctx); err != nil {
+	mv := startLazyMove(ctx, t, eng, launchProg(t, "alignedsp", prog), false)
+	if err := mv.lp.Wait(ctx); err != nil {
 		t.Fatalf("lazy-pages daemon: %v", err)
 	}
-	if err := <-dumped; err != nil {
+	if err := <-mv.dumped; err != nil {
 		t.Fatalf("lazy dump: %v", err)
 	}
-	log, err := os.ReadFile(filepath.Join(src, checkpoint.DumpLog))
+	log, err := os.ReadFile(filepath.Join(mv.src, checkpoint.DumpLog))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -633,7 +631,7 @@ func TestLazyDumpAlignedStackPointer(t *testing.T) {
 	if total == 0 || lazy != total {
 		t.Errorf("the 64 MiB area: %d pages, %d of them lazy; want all lazy:\n%s", total, lazy, grepLines(string(log), "Pagemap generated"))
 	}
-	if procState(res.Pid) == 0 {
+	if procState(mv.res.Pid) == 0 {
 		t.Error("the restored copy does not run")
 	}
 }
