@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/duplex-ha/duplex/ebpf"
 	"github.com/duplex-ha/duplex/internal/testutil"
@@ -61,6 +62,11 @@ func TestVMAIterMatchesMaps(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
 	pid := cmd.Process.Pid
+	// Idle means asleep: until then the dynamic loader may still map and protect.
+	testutil.Eventually(t, 5*time.Second, "sleep to be asleep in clock_nanosleep", func() bool {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/syscall", pid))
+		return strings.HasPrefix(string(b), "230 ") || strings.HasPrefix(string(b), "35 ")
+	})
 
 	snap, err := v.Snapshot()
 	if err != nil {
