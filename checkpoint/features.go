@@ -42,6 +42,13 @@ const (
 	// transfer until told (LazyPagesOptions.HoldBackground;
 	// contrib/criu/lazy-bg-gate.patch).
 	FeatureLazyBackgroundGate = "lazy_bg_gate"
+	// FeatureProcFDZombiesOnly: a dump of a tree in its own PID namespace mounts
+	// that namespace's /proc only when the tree holds zombies
+	// (contrib/criu/proc-fd-zombies-only.patch).
+	FeatureProcFDZombiesOnly = "proc_fd_zombies_only"
+	// FeatureNFTLockNftnl: a dump adds each connection to its network lock with
+	// libnftnl instead of an nft command (contrib/criu/nft-lock-nftnl.patch).
+	FeatureNFTLockNftnl = "nft_lock_nftnl"
 )
 
 type featureCache struct {

@@ -202,13 +202,49 @@ func TestEstablishedTCPConnection(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The lock's set holds both directions of the connection, and what the
+	// client sends now is dropped: without the lock the kernel would answer
+	// for the dumped socket with a reset.
+	if st.LockTable == "" {
+		t.Fatal("the dump names no network-lock table")
+	}
+	dumpLog, _ := os.ReadFile(filepath.Join(dir, checkpoint.DumpLog))
+	if ok, _ := eng.HasFeature(ctx, checkpoint.FeatureNFTLockNftnl); ok && !strings.Contains(string(dumpLog), "with libnftnl") {
+		t.Errorf("CRIU has %s, but its log shows no connection added with libnftnl", checkpoint.FeatureNFTLockNftnl)
+	}
+	// The tree has its own PID namespace and no zombies: its /proc is not made.
+	if ok, _ := eng.HasFeature(ctx, checkpoint.FeatureProcFDZombiesOnly); ok && !strings.Contains(string(dumpLog), "No zombies: the tree's /proc is not needed") {
+		t.Errorf("CRIU has %s, but the dump of a tree without zombies made its /proc", checkpoint.FeatureProcFDZombiesOnly)
+	}
+	out, err := exec.Command("nft", "list", "set", "inet", st.LockTable, "conns4").CombinedOutput()
+	if err != nil {
+		t.Fatalf("nft list set: %v\n%s", err, out)
+	}
+	local := c.LocalAddr().(*net.TCPAddr).Port
+	for _, e := range []string{fmt.Sprintf("127.0.0.1 . %d . 127.0.0.1 . %d", port, local),
+		fmt.Sprintf("127.0.0.1 . %d . 127.0.0.1 . %d", local, port)} {
+		if !strings.Contains(string(out), e) {
+			t.Errorf("lock set lacks %q:\n%s", e, out)
+		}
+	}
+	const early = "sent-while-dumped"
+	if _, err := io.WriteString(c, early); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond) // the first retransmission comes after 200 ms
 	res, err := eng.Restore(ctx, checkpoint.RestoreOptions{ImagesDir: dir, ManageCgroups: true,
 		TCPEstablished: true, NetworkLock: checkpoint.LockNFTables})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer killChild(res.Pid)
-	// The same client connection works against the restored server: no reset.
+	// The same client connection works against the restored server: no reset,
+	// and what was sent while it was dumped arrives by retransmission.
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	buf := make([]byte, len(early))
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != early {
+		t.Fatalf("echo of what was sent while dumped: %q, %v", buf, err)
+	}
 	roundTrip(t, c, "after-restore")
 	if st.LockTable != "" && strings.Contains(lockTables(t), st.LockTable) {
 		t.Errorf("CRIU's network-lock table %s left behind", st.LockTable)

@@ -46,7 +46,7 @@ CRIU_PATCHED_DIR=$DUPLEX_LIB_DIR/criu-duplex
 CRIU_PATCHED=${DUPLEX_CRIU_PATCHED:-auto}
 CRIU_BUILD_PACKAGES="gcc make pkg-config libc6-dev patch xz-utils protobuf-compiler
  protobuf-c-compiler libprotobuf-dev libprotobuf-c-dev libnl-3-dev libnet1-dev libcap-dev
- libbsd-dev libnftables-dev libgnutls28-dev uuid-dev"
+ libbsd-dev libnftables-dev libnftnl-dev libmnl-dev libgnutls28-dev uuid-dev"
 # Used only if apt cannot compute criu's dependency closure (names from sid, 2025/26).
 CRIU_FALLBACK_PACKAGES="criu libcompel1 libc6 libnet9 libprotobuf-c1 libnftables1 libnftnl11
  libnl-3-200 libbsd0 libmd0 libgnutls30t64 libnettle8t64 libhogweed6t64 libp11-kit0

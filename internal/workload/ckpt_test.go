@@ -124,6 +124,13 @@ func TestComplexTreeSurvivesCheckpointRestore(t *testing.T) {
 	if procAlive(rec.Pid) {
 		t.Fatal("source tree still alive after checkpoint")
 	}
+	// The zombie's stat is read in the tree's own /proc, which the dump makes
+	// only for trees with zombies (contrib/criu/proc-fd-zombies-only.patch).
+	if b, err := os.ReadFile(filepath.Join(dir, checkpoint.DumpLog)); err != nil {
+		t.Error(err)
+	} else if strings.Contains(string(b), "No zombies") || !strings.Contains(string(b), "Obtaining zombie stat") {
+		t.Errorf("the dump of a tree with a zombie did not read it through the tree's /proc (see %s)", checkpoint.DumpLog)
+	}
 	_, res, err := m.Restore(ctx, workload.RestoreOptions{Dir: dir})
 	if err != nil {
 		t.Fatal(err)
